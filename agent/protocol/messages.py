@@ -1,0 +1,214 @@
+"""Every method of the agent protocol: one frozen dataclass of parameters per method, the
+method table, and PROTOCOL_VERSION. Both sides import this module; it performs no I/O.
+
+Parameters travel as msgpack maps keyed by field name. `parse(method, obj)` validates a map
+against the method's dataclass (known keys only, required keys present, exact types), so a
+handler never sees a malformed value. Results are plain maps documented on each method.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Union
+
+from agent.protocol.errors import InvalidParams, UnknownMethod
+
+PROTOCOL_VERSION = 1
+# Oldest peer version this side still understands; hello fails below it.
+MIN_PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First call on every connection. Result: {version, agent, node, uid}."""
+
+    version: int
+    client: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Result: agent and protocol version, hostname, addresses, cpus, load, memory, disk, gpus,
+    running jobs."""
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Which of these blob ids the store lacks. Result: {missing: [id...]}."""
+
+    blobs: list[str]
+
+
+@dataclass(frozen=True)
+class PutBlobs:
+    """Store blobs, each verified against its claimed id; one sync for the batch.
+    Result: {stored: n}. Any mismatch rejects the batch (ChecksumMismatch)."""
+
+    blobs: list[list[Any]]  # [[id, data], ...]
+
+
+@dataclass(frozen=True)
+class PutManifest:
+    """Store a manifest (validated). Result: {bundle, missing: [blob ids still absent]}."""
+
+    manifest: bytes
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Phase one of submit: record the job and revision 0, build its code directory from the
+    store. Fails with ObjectMissing when blobs are absent. Result: {bundle, port, code_dir}."""
+
+    job: str
+    bundle: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    rank: int = 0
+    nnodes: int = 1
+    peers: list[str] = field(default_factory=list)
+    name: str = ""
+    author: str = ""
+    message: str = ""
+    source: list[Any] = field(default_factory=lambda: [None, None, None])
+
+
+@dataclass(frozen=True)
+class Start:
+    """Phase two of submit: start a prepared job. Result: the job's status map."""
+
+    job: str
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Forget a prepared job that was never started (the other phase failed). Result: {}."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """SIGTERM the job's whole process tree, SIGKILL after grace_s. Result: status map."""
+
+    job: str
+    grace_s: int = 10
+
+
+@dataclass(frozen=True)
+class Jobs:
+    """The caller's jobs (root sees all). Result: {jobs: [status map...]}."""
+
+    all_users: bool = False
+
+
+@dataclass(frozen=True)
+class Status:
+    """One job. Result: status map {job, state, revision, bundle, pid, exit_code, ...}."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class Logs:
+    """Stream the job's log from a byte offset as `log` notifications {job, offset, data};
+    with follow, until the job ends. Result: {offset, state}."""
+
+    job: str
+    offset: int = 0
+    follow: bool = False
+
+
+@dataclass(frozen=True)
+class Cat:
+    """Raw bytes of one stored object by id or unique prefix. Result: {id, kind, data}."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class Revisions:
+    """A job's revision records. Result: {revisions: [encoded revision bytes...]}."""
+
+    job: str
+
+
+METHODS: dict[str, type] = {
+    "hello": Hello,
+    "node_info": NodeInfo,
+    "missing": Missing,
+    "put_blobs": PutBlobs,
+    "put_manifest": PutManifest,
+    "prepare": Prepare,
+    "start": Start,
+    "abort": Abort,
+    "cancel": Cancel,
+    "jobs": Jobs,
+    "status": Status,
+    "logs": Logs,
+    "cat": Cat,
+    "revisions": Revisions,
+}
+NOTIFICATIONS = ("log",)
+
+
+def to_params(message: Any) -> dict[str, Any]:
+    return asdict(message)
+
+
+def method_of(message: Any) -> str:
+    for name, cls in METHODS.items():
+        if type(message) is cls:
+            return name
+    raise UnknownMethod(f"{type(message).__name__} is not a protocol message")
+
+
+def parse(method: str, params: object) -> Any:
+    """Validate `params` against `method`'s dataclass and build it. Raises UnknownMethod or
+    InvalidParams naming the field."""
+    cls = METHODS.get(method)
+    if cls is None:
+        raise UnknownMethod(f"unknown method {method!r}", method)
+    if not isinstance(params, dict):
+        raise InvalidParams(f"{method}: params must be a map", method)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in params:
+        if key not in known:
+            raise InvalidParams(f"{method}: unknown parameter {key!r}", method)
+    values = {}
+    for name, f in known.items():
+        if name not in params:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise InvalidParams(f"{method}: missing parameter {name!r}", method)
+            continue
+        if not _conforms(params[name], hints[name]):
+            raise InvalidParams(f"{method}: parameter {name!r} has the wrong type", method)
+        values[name] = params[name]
+    return cls(**values)
+
+
+def _conforms(value: object, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bytes, bool):
+        return isinstance(value, hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _conforms(k, key_t) and _conforms(v, val_t) for k, v in value.items()
+        )
+    return False

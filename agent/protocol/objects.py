@@ -1,0 +1,480 @@
+"""Trees as both sides must agree on them, byte for byte: blob ids, manifests, revision
+records, their canonical encoding, the path grammar, patches (apply_changes) and diffs.
+
+This module performs no I/O. Every decoder validates fully before returning, so a value of
+these types is always well formed: a `Manifest` can be materialised without re-checking paths.
+
+Canonical encoding is msgpack with arrays only (no maps, no floats), entries sorted by path
+(code-point order, which is UTF-8 byte order). Golden vectors in tests pin it.
+
+Departure from DESIGN.md, on purpose: a symlink entry carries its target as a fifth element,
+`(path, "symlink", size, blob, target)`, with blob = SHA-256 of the target. The path grammar
+asks that targets stay inside the tree and that this is enforced on decode; without the target
+in the manifest, decode could not check it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+from agent.protocol.errors import InvalidManifest, PathNotFound
+
+Kind = Literal["file", "exec", "symlink"]
+KINDS: tuple[Kind, ...] = ("file", "exec", "symlink")
+REASONS = ("submit", "patch", "resume", "drift", "rerun")
+
+MANIFEST_FORMAT = 1
+REVISION_FORMAT = 1
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+MAX_ENTRIES = 1_000_000
+ID_HEX_LEN = 64
+SHORT_LEN = 12
+
+
+def blob_id(data: bytes) -> str:
+    """The id of a blob: the SHA-256 of its bytes, 64 lowercase hex digits."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def short(object_id: str) -> str:
+    """The 12-hex form used when showing ids to people."""
+    return object_id[:SHORT_LEN]
+
+
+def is_object_id(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == ID_HEX_LEN
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def check_object_id(value: object, what: str = "object id") -> str:
+    if not is_object_id(value):
+        raise InvalidManifest(f"{what} is not 64 lowercase hex digits", repr(value)[:80])
+    assert isinstance(value, str)
+    return value
+
+
+# ---------------------------------------------------------------------------------- paths
+
+
+def check_path(path: object) -> str:
+    """Enforce the path grammar on one path; return it. Raises InvalidManifest.
+
+    Relative, `/`-separated, no empty, `.` or `..` components, no NUL or backslash, at most
+    MAX_COMPONENT_BYTES a component and MAX_PATH_BYTES in all (UTF-8).
+    """
+    if not isinstance(path, str):
+        raise InvalidManifest("path is not a string", repr(path)[:80])
+    if not path:
+        raise InvalidManifest("empty path", path)
+    if "\x00" in path or "\\" in path:
+        raise InvalidManifest("path contains NUL or backslash", path)
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidManifest("path is not valid UTF-8", repr(path)) from None
+    if len(encoded) > MAX_PATH_BYTES:
+        raise InvalidManifest(f"path longer than {MAX_PATH_BYTES} bytes", path[:80])
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidManifest("path has an empty, '.' or '..' component", path)
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise InvalidManifest(f"path component longer than {MAX_COMPONENT_BYTES} bytes", path)
+    return path
+
+
+def check_symlink_target(path: str, target: object) -> str:
+    """A symlink target must stay inside the tree whatever the links it passes through.
+
+    Relative; `..` only as leading components (so no later `..` can climb out through another
+    link), and those leading `..` may not climb above the tree's root. `.` components are
+    harmless and allowed.
+    """
+    if not isinstance(target, str) or not target:
+        raise InvalidManifest("symlink target is empty or not a string", path)
+    if "\x00" in target or len(target.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise InvalidManifest("symlink target contains NUL or is too long", path)
+    if target.startswith("/"):
+        raise InvalidManifest(f"symlink {path} -> {target} is absolute: it leaves the tree", path)
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    if ".." in parts[ups:]:
+        raise InvalidManifest(
+            f"symlink {path} -> {target}: '..' allowed only at the start of a target", path
+        )
+    if ups > path.count("/"):
+        raise InvalidManifest(f"symlink {path} -> {target} leaves the tree", path)
+    return target
+
+
+# ------------------------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Entry:
+    """One manifest entry. For symlinks, size and blob describe the target's UTF-8 bytes."""
+
+    path: str
+    kind: Kind
+    size: int
+    blob: str
+    target: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def symlink(cls, path: str, target: str) -> Entry:
+        data = target.encode("utf-8")
+        return cls(path, "symlink", len(data), blob_id(data), target)
+
+    def check(self) -> Entry:
+        check_path(self.path)
+        if self.kind not in KINDS:
+            raise InvalidManifest(f"unknown kind {self.kind!r}", self.path)
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise InvalidManifest("size is not a non-negative integer", self.path)
+        check_object_id(self.blob, f"blob of {self.path}")
+        if self.kind == "symlink":
+            target = check_symlink_target(self.path, self.target)
+            data = target.encode("utf-8")
+            if self.size != len(data) or self.blob != blob_id(data):
+                raise InvalidManifest("symlink size or blob does not match its target", self.path)
+        elif self.target is not None:
+            raise InvalidManifest("only symlinks carry a target", self.path)
+        return self
+
+    def to_wire(self) -> list[Any]:
+        row: list[Any] = [self.path, self.kind, self.size, bytes.fromhex(self.blob)]
+        if self.kind == "symlink":
+            row.append(self.target)
+        return row
+
+    @classmethod
+    def from_wire(cls, row: object) -> Entry:
+        if not isinstance(row, (list, tuple)) or len(row) not in (4, 5):
+            raise InvalidManifest("entry is not an array of 4 or 5 elements", repr(row)[:80])
+        path, kind, size, blob = row[0], row[1], row[2], row[3]
+        target = row[4] if len(row) == 5 else None
+        if kind == "symlink" and len(row) != 5:
+            raise InvalidManifest("symlink entry without target", repr(path)[:80])
+        if not isinstance(blob, bytes) or len(blob) != 32:
+            raise InvalidManifest("blob is not 32 bytes", repr(path)[:80])
+        if not isinstance(kind, str):
+            raise InvalidManifest("kind is not a string", repr(path)[:80])
+        entry = cls(path, kind, size, blob.hex(), target)  # type: ignore[arg-type]
+        return entry.check()
+
+
+# ------------------------------------------------------------------------------ manifests
+
+
+def _parents(path: str) -> Iterable[str]:
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        yield path
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A sorted, validated tree. Build with `Manifest.of(entries)` or `Manifest.decode(data)`."""
+
+    entries: tuple[Entry, ...]
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> Manifest:
+        """Sort and validate (duplicates, case clashes, file-versus-directory clashes)."""
+        ordered = tuple(sorted(entries, key=lambda e: e.path))
+        _validate(ordered)
+        return cls(ordered)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        """Decode and validate a canonical manifest; anything else is InvalidManifest.
+
+        The input must be in canonical form (sorted, and encode(decode(x)) == x), so that a
+        bundle id names exactly one manifest.
+        """
+        try:
+            raw = msgpack.unpackb(
+                data, raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext
+            )
+        except InvalidManifest:
+            raise
+        except Exception as exc:
+            raise InvalidManifest(f"manifest is not valid msgpack: {exc}", "") from None
+        if not (isinstance(raw, list) and len(raw) == 2 and raw[0] == MANIFEST_FORMAT):
+            raise InvalidManifest("not a manifest (expected [1, entries])", "")
+        rows = raw[1]
+        if not isinstance(rows, list) or len(rows) > MAX_ENTRIES:
+            raise InvalidManifest("manifest entries are not an array of bounded size", "")
+        entries = tuple(Entry.from_wire(row) for row in rows)
+        for a, b in itertools.pairwise(entries):
+            if a.path >= b.path:
+                raise InvalidManifest("entries not sorted or duplicated", b.path)
+        _validate(entries)
+        manifest = cls(entries)
+        if manifest.encode() != data:
+            raise InvalidManifest("manifest is not in canonical form", "")
+        return manifest
+
+    def encode(self) -> bytes:
+        body = [MANIFEST_FORMAT, [e.to_wire() for e in self.entries]]
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+    @property
+    def bundle_id(self) -> str:
+        cached: str | None = self.__dict__.get("_bundle_id")
+        if cached is None:
+            cached = blob_id(self.encode())
+            object.__setattr__(self, "_bundle_id", cached)
+        return cached
+
+    def by_path(self) -> dict[str, Entry]:
+        return {e.path: e for e in self.entries}
+
+    def blobs(self) -> set[str]:
+        """Blob ids that must be in a store to materialise this tree (symlinks carry theirs)."""
+        return {e.blob for e in self.entries if e.kind != "symlink"}
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.entries if e.kind != "symlink")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    raise InvalidManifest(f"msgpack ext type {code} is not allowed", "")
+
+
+def _validate(entries: Sequence[Entry]) -> None:
+    seen: set[str] = set()
+    folded: dict[str, str] = {}
+    for entry in entries:
+        entry.check()
+        if entry.path in seen:
+            raise InvalidManifest(f"duplicate path {entry.path}", entry.path)
+        seen.add(entry.path)
+        key = entry.path.casefold()
+        if key in folded:
+            raise InvalidManifest(
+                f"paths {folded[key]} and {entry.path} differ only in case", entry.path
+            )
+        folded[key] = entry.path
+    if len(entries) > MAX_ENTRIES:
+        raise InvalidManifest("too many entries", "")
+    for entry in entries:
+        for parent in _parents(entry.path):
+            if parent in seen:
+                raise InvalidManifest(
+                    f"{parent} is both a file and the directory of {entry.path}", entry.path
+                )
+    # A directory may not clash in case with another directory or file either.
+    dirs: dict[str, str] = {}
+    for entry in entries:
+        for parent in _parents(entry.path):
+            key = parent.casefold()
+            other = dirs.setdefault(key, parent)
+            if other != parent:
+                raise InvalidManifest(
+                    f"directories {other} and {parent} differ only in case", parent
+                )
+            if key in folded:
+                raise InvalidManifest(
+                    f"{folded[key]} and directory {parent} differ only in case", parent
+                )
+
+
+# ---------------------------------------------------------------------- patches and diffs
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One path's change between two trees: `old` None is an add, `new` None a delete."""
+
+    path: str
+    old: Entry | None
+    new: Entry | None
+
+    @property
+    def action(self) -> str:
+        if self.old is None:
+            return "add"
+        if self.new is None:
+            return "delete"
+        return "replace"
+
+
+def apply_changes(
+    manifest: Manifest, puts: Iterable[Entry] = (), deletes: Iterable[str] = ()
+) -> Manifest:
+    """The tree after adding or replacing `puts` and removing `deletes`.
+
+    Deleting a path that is not in the tree is PathNotFound: a patch names what it removes.
+    The result is validated like any manifest (a put may not turn a directory into a file).
+    """
+    current = manifest.by_path()
+    for path in deletes:
+        check_path(path)
+        if current.pop(path, None) is None:
+            raise PathNotFound(path)
+    for entry in puts:
+        current[entry.check().path] = entry
+    return Manifest.of(current.values())
+
+
+def diff(a: Manifest, b: Manifest) -> list[Change]:
+    """Every path whose entry differs between a and b, sorted by path."""
+    old, new = a.by_path(), b.by_path()
+    changes = []
+    for path in sorted(old.keys() | new.keys()):
+        x, y = old.get(path), new.get(path)
+        if x is None or y is None or (x.kind, x.blob, x.target) != (y.kind, y.blob, y.target):
+            changes.append(Change(path, x, y))
+    return changes
+
+
+# ------------------------------------------------------------------------------ revisions
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where the frozen tree came from; beside the bundle, never part of its id."""
+
+    commit: str | None = None
+    branch: str | None = None
+    dirty: bool | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [self.commit, self.branch, self.dirty]
+
+    @classmethod
+    def from_wire(cls, row: object) -> Source:
+        if not (isinstance(row, list) and len(row) == 3):
+            raise InvalidManifest("source is not [commit, branch, dirty]", "")
+        commit, branch, dirty = row
+        if not (commit is None or isinstance(commit, str)) or not (
+            branch is None or isinstance(branch, str)
+        ):
+            raise InvalidManifest("source commit or branch is not a string", "")
+        if not (dirty is None or isinstance(dirty, bool)):
+            raise InvalidManifest("source dirty is not a boolean", "")
+        return cls(commit, branch, dirty)
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """State N of a job's code. `at_ns` is wall time in integer nanoseconds (no floats)."""
+
+    job: str
+    number: int
+    parent: int | None
+    bundle: str
+    reason: str
+    author: str
+    at_ns: int
+    paths: tuple[str, ...] = ()
+    message: str = ""
+    step: int | None = None
+    source: Source = Source()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.job}@r{self.number}"
+
+    def check(self) -> Revision:
+        if not isinstance(self.job, str) or not self.job:
+            raise InvalidManifest("revision job is empty", "")
+        if not _is_int(self.number) or self.number < 0:
+            raise InvalidManifest("revision number is not a non-negative integer", "")
+        expected_parent = None if self.number == 0 else self.number - 1
+        if self.parent != expected_parent:
+            raise InvalidManifest(f"revision {self.number} must name parent {expected_parent}", "")
+        check_object_id(self.bundle, "revision bundle")
+        if self.reason not in REASONS:
+            raise InvalidManifest(f"unknown revision reason {self.reason!r}", "")
+        if not isinstance(self.author, str) or not isinstance(self.message, str):
+            raise InvalidManifest("revision author or message is not a string", "")
+        if not _is_int(self.at_ns) or not (self.step is None or _is_int(self.step)):
+            raise InvalidManifest("revision time or step is not an integer", "")
+        for path in self.paths:
+            check_path(path)
+        return self
+
+    def encode(self) -> bytes:
+        body = [
+            REVISION_FORMAT,
+            self.job,
+            self.number,
+            self.parent,
+            bytes.fromhex(self.bundle),
+            self.reason,
+            self.author,
+            self.at_ns,
+            list(self.paths),
+            self.message,
+            self.step,
+            self.source.to_wire(),
+        ]
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+    @property
+    def id(self) -> str:
+        return blob_id(self.encode())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Revision:
+        try:
+            raw = msgpack.unpackb(data, raw=False, use_list=True, ext_hook=_no_ext)
+        except InvalidManifest:
+            raise
+        except Exception as exc:
+            raise InvalidManifest(f"revision is not valid msgpack: {exc}", "") from None
+        if not (isinstance(raw, list) and len(raw) == 12 and raw[0] == REVISION_FORMAT):
+            raise InvalidManifest("not a revision record", "")
+        _, job, number, parent, bundle, reason, author, at_ns, paths, message, step, source = raw
+        if not isinstance(bundle, bytes) or len(bundle) != 32:
+            raise InvalidManifest("revision bundle is not 32 bytes", "")
+        if not isinstance(paths, list):
+            raise InvalidManifest("revision paths is not an array", "")
+        revision = cls(
+            job,
+            number,
+            parent,
+            bundle.hex(),
+            reason,
+            author,
+            at_ns,
+            tuple(paths),
+            message,
+            step,
+            Source.from_wire(source),
+        ).check()
+        if revision.encode() != data:
+            raise InvalidManifest("revision is not in canonical form", "")
+        return revision
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def object_kind(data: bytes) -> str:
+    """Tell a stored manifest from a revision record from a plain blob, for `launch cat`."""
+    for kind, decoder in (("manifest", Manifest.decode), ("revision", Revision.decode)):
+        try:
+            decoder(data)
+        except InvalidManifest:
+            continue
+        return kind
+    return "blob"
