@@ -99,7 +99,7 @@ class ChecksumMismatch(LaunchError):
 
     @classmethod
     def from_detail(cls, message: str, detail: Any) -> LaunchError:
-        return cls(*_pair(detail))
+        return cls(*_pair(detail, str))
 
 
 class ObjectMissing(LaunchError):
@@ -167,7 +167,7 @@ class StaleRevision(LaunchError):
 
     @classmethod
     def from_detail(cls, message: str, detail: Any) -> LaunchError:
-        return cls(*_pair(detail))
+        return cls(*_pair(detail, int))
 
 
 class Busy(LaunchError):
@@ -187,7 +187,7 @@ class NodeUnreachable(LaunchError):
 
     @classmethod
     def from_detail(cls, message: str, detail: Any) -> LaunchError:
-        return cls(*_pair(detail))
+        return cls(*_pair(detail, str))
 
 
 class InternalError(LaunchError):
@@ -196,10 +196,16 @@ class InternalError(LaunchError):
     code = 99
 
 
-def _pair(detail: Any) -> tuple[Any, Any]:
-    if isinstance(detail, (list, tuple)) and len(detail) == 2:
-        return detail[0], detail[1]
-    return detail, None
+def _pair(detail: Any, kind: type | None = None) -> tuple[Any, Any]:
+    # A detail that is not a pair (of `kind`) is malformed: raising here makes from_wire fall
+    # back to a plain LaunchError instead of building e.g. StaleRevision("x", None).
+    if not (isinstance(detail, (list, tuple)) and len(detail) == 2):
+        raise ValueError("error detail is not a pair")
+    if kind is not None and not all(
+        isinstance(x, kind) and not isinstance(x, bool) for x in detail
+    ):
+        raise ValueError(f"error detail is not a pair of {kind.__name__}")
+    return detail[0], detail[1]
 
 
 def _all_subclasses(cls: type[LaunchError]) -> list[type[LaunchError]]:
@@ -225,9 +231,11 @@ def from_wire(value: object) -> LaunchError:
         isinstance(value, list)
         and len(value) == 3
         and isinstance(value[0], int)
+        and not isinstance(value[0], bool)
         and isinstance(value[1], str)
     ):
-        return RemoteProtocolError(f"malformed error from peer: {value!r:.200}")
+        # Name only the type: repr() of a peer's value can be deep (RecursionError) or huge.
+        return RemoteProtocolError(f"malformed error from peer (a {type(value).__name__})")
     code, message, detail = value
     cls = BY_CODE.get(code, LaunchError)
     try:

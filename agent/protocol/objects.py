@@ -101,7 +101,11 @@ def check_symlink_target(path: str, target: object) -> str:
     """
     if not isinstance(target, str) or not target:
         raise InvalidManifest("symlink target is empty or not a string", path)
-    if "\x00" in target or len(target.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+    try:
+        size = len(target.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate (e.g. os.readlink of a non-UTF-8 name)
+        raise InvalidManifest("symlink target is not valid UTF-8", path) from None
+    if "\x00" in target or size > MAX_PATH_BYTES:
         raise InvalidManifest("symlink target contains NUL or is too long", path)
     if target.startswith("/"):
         raise InvalidManifest(f"symlink {path} -> {target} is absolute: it leaves the tree", path)
@@ -398,7 +402,8 @@ class Revision:
         if not _is_int(self.number) or self.number < 0:
             raise InvalidManifest("revision number is not a non-negative integer", "")
         expected_parent = None if self.number == 0 else self.number - 1
-        if self.parent != expected_parent:
+        # `isinstance(bool)`: False == 0 and True == 1, but they encode differently.
+        if self.parent != expected_parent or isinstance(self.parent, bool):
             raise InvalidManifest(f"revision {self.number} must name parent {expected_parent}", "")
         check_object_id(self.bundle, "revision bundle")
         if self.reason not in REASONS:

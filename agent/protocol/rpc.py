@@ -102,7 +102,7 @@ class Connection:
             self._eof = True
             return
         if self._eof:
-            raise LocalProtocolError("data received after end of stream")
+            self._local_error("data received after end of stream")
         self._buffer += data
         # Refuse an oversized frame as soon as its header arrives, before buffering it.
         if len(self._buffer) >= HEADER.size:
@@ -130,7 +130,6 @@ class Connection:
                 use_list=True,
                 strict_map_key=True,
                 ext_hook=_refuse_ext,
-                max_buffer_size=self.max_frame,
             )
         except RemoteProtocolError as exc:
             self._fail(str(exc))
@@ -150,6 +149,8 @@ class Connection:
         if not isinstance(message, list) or not message:
             self._fail("a message must be a non-empty array")
         kind = message[0]
+        if not isinstance(kind, int) or isinstance(kind, bool):
+            self._fail("message type is not an integer")
         if kind == REQUEST and len(message) == 4:
             _, rid, method, params = message
             if not _valid_id(rid) or not isinstance(method, str):
@@ -167,7 +168,7 @@ class Connection:
             if self.state is not State.OPEN:
                 self._fail("notification before hello")
             return Notification(method, params)
-        self._fail(f"unknown message type or arity: {str(message)[:80]}")
+        self._fail(f"unknown message type {kind} or arity {len(message)}")
 
     def _on_request(self, request: Request) -> Request:
         if self.role is not Role.SERVER:
@@ -179,7 +180,8 @@ class Connection:
                 self._fail(f"first request must be hello, got {request.method!r}")
             self._hello_id = request.id
             version = request.params.get("version") if isinstance(request.params, dict) else None
-            self.peer_version = version if isinstance(version, int) else None
+            valid = isinstance(version, int) and not isinstance(version, bool)
+            self.peer_version = version if valid else None
         self._pending[request.id] = request.method
         return request
 
@@ -193,7 +195,7 @@ class Connection:
             self._hello_id = None
             if exc is None:
                 version = result.get("version") if isinstance(result, dict) else None
-                if not isinstance(version, int):
+                if not isinstance(version, int) or isinstance(version, bool):
                     self._fail("hello response carries no version")
                 self.peer_version = version
                 self.state = State.OPEN
@@ -205,9 +207,9 @@ class Connection:
         """Bytes of a new request and the id its response will carry."""
         self._check_sendable()
         if self.role is not Role.CLIENT:
-            raise LocalProtocolError("a server does not send requests")
+            self._local_error("a server does not send requests")
         if self.state is State.GREETING and (method != "hello" or self._hello_id is not None):
-            raise LocalProtocolError(f"first request must be hello, not {method!r}")
+            self._local_error(f"first request must be hello, not {method!r}")
         rid = self._next_id
         self._next_id = 1 if rid >= MAX_ID else rid + 1
         if method == "hello":
@@ -219,8 +221,10 @@ class Connection:
         self, rid: int, result: Any = None, error: LaunchError | None = None
     ) -> bytes:
         self._check_sendable()
+        if self.role is not Role.SERVER:
+            self._local_error("a client does not send responses")
         if self._pending.pop(rid, None) is None:
-            raise LocalProtocolError(f"no pending request with id {rid}")
+            self._local_error(f"no pending request with id {rid}")
         if rid == self._hello_id:
             self._hello_id = None
             if error is None:
@@ -231,7 +235,7 @@ class Connection:
     def send_notification(self, method: str, params: Any) -> bytes:
         self._check_sendable()
         if self.state is not State.OPEN:
-            raise LocalProtocolError("no notification before hello")
+            self._local_error("no notification before hello")
         return self._frame([NOTIFICATION, method, params])
 
     def hello_params(self, client: str = "") -> dict[str, Any]:
@@ -245,10 +249,16 @@ class Connection:
         try:
             body: bytes = msgpack.packb(message, use_bin_type=True)
         except Exception as exc:
-            raise LocalProtocolError(f"cannot encode message: {exc}") from None
+            self._local_error(f"cannot encode message: {exc}")
         if len(body) > self.max_frame:
-            raise LocalProtocolError(f"message of {len(body)} bytes exceeds {self.max_frame}")
+            self._local_error(f"message of {len(body)} bytes exceeds {self.max_frame}")
         return HEADER.pack(len(body)) + body
+
+    def _local_error(self, reason: str) -> NoReturn:
+        # Our side broke the protocol: the connection is dead, as after a remote error.
+        self.state = State.ERROR
+        self._buffer.clear()
+        raise LocalProtocolError(reason) from None
 
     def _fail(self, reason: str) -> NoReturn:
         self.state = State.ERROR

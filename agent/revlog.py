@@ -1,0 +1,244 @@
+"""The agent's records in SQLite (WAL, synchronous=FULL): jobs, their revisions, and events.
+
+A job's head moves only by compare-and-swap on the expected revision, inside the same
+transaction that appends the revision, so two patches based on the same head can never both
+land: the second gets `StaleRevision(expected, actual)`. History is append-only: nothing here
+updates or deletes a revision.
+
+Calls are synchronous and short (one small transaction each); the agent makes them from its
+event loop, which keeps the ordering of writes obvious.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from agent.protocol.errors import AmbiguousRef, JobNotFound, JobStateError, StaleRevision
+from agent.protocol.objects import Revision
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner INTEGER NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    argv BLOB NOT NULL,
+    env BLOB NOT NULL,
+    rank INTEGER NOT NULL,
+    nnodes INTEGER NOT NULL,
+    peers BLOB NOT NULL,
+    state TEXT NOT NULL,
+    head INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    started_ns INTEGER,
+    ended_ns INTEGER,
+    exit_code INTEGER,
+    exit_signal INTEGER,
+    shim_pid INTEGER,
+    shim_start REAL,
+    restart_count INTEGER NOT NULL DEFAULT 0,
+    master_addr TEXT,
+    master_port INTEGER
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    job TEXT NOT NULL REFERENCES jobs(id),
+    number INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (job, number)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    job TEXT,
+    at_ns INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+"""
+
+# Which states may follow which: a job is prepared, runs, then ends one way or another.
+ACTIVE = ("prepared", "running")
+FINAL = ("succeeded", "failed", "cancelled", "lost", "aborted")
+
+
+@dataclass
+class Job:
+    id: str
+    owner: int
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    rank: int
+    nnodes: int
+    peers: list[str]
+    state: str
+    head: int
+    created_ns: int
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    shim_pid: int | None = None
+    shim_start: float | None = None
+    restart_count: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+
+_PACKED = ("argv", "env", "peers")
+
+
+class RevLog:
+    def __init__(self, path: Path) -> None:
+        # isolation_level=None: we open transactions ourselves with BEGIN IMMEDIATE, so a
+        # compare-and-swap reads and writes under one write lock.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -------------------------------------------------------------------------- jobs
+
+    def create_job(self, job: Job, revision: Revision) -> None:
+        """Record a new job and its revision 0 in one transaction."""
+        row = {k: v for k, v in vars(job).items() if k != "extra"}
+        for key in _PACKED:
+            row[key] = msgpack.packb(row[key])
+        with self._transaction():
+            if self.db.execute("SELECT 1 FROM jobs WHERE id=?", (job.id,)).fetchone():
+                raise JobStateError(f"job {job.id} already exists on this node", job.id)
+            cols = ", ".join(row)
+            marks = ", ".join(f":{k}" for k in row)
+            self.db.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", row)
+            self.db.execute(
+                "INSERT INTO revisions (job, number, record) VALUES (?, ?, ?)",
+                (job.id, revision.number, revision.encode()),
+            )
+            self._event(job.id, "prepared", f"r0 {revision.bundle[:12]}")
+
+    def get(self, job_id: str) -> Job:
+        row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return _job(row)
+
+    def resolve(self, ref: str) -> Job:
+        """A job by id or unique prefix."""
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
+            (ref, ref + "\uffff"),
+        ).fetchall()
+        exact = [r for r in rows if r["id"] == ref]
+        if exact:
+            return _job(exact[0])
+        if not rows:
+            raise JobNotFound(ref)
+        if len(rows) > 1:
+            raise AmbiguousRef(f"{ref!r} matches several jobs; give more of the id", ref)
+        return _job(rows[0])
+
+    def jobs(self, owner: int | None = None, states: tuple[str, ...] = ()) -> list[Job]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", list[Any]()
+        if owner is not None:
+            sql += " AND owner=?"
+            args.append(owner)
+        if states:
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        return [_job(r) for r in self.db.execute(sql + " ORDER BY id", args)]
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set plain columns of a job (state, pids, exit status); never its head."""
+        assert "head" not in fields, "the head moves only through append_revision"
+        sets = ", ".join(f"{k}=:{k}" for k in fields)
+        with self._transaction():
+            self.db.execute(f"UPDATE jobs SET {sets} WHERE id=:id", {**fields, "id": job_id})
+            if "state" in fields:
+                self._event(job_id, "state", str(fields["state"]))
+
+    # --------------------------------------------------------------------- revisions
+
+    def append_revision(self, revision: Revision) -> None:
+        """Move the job's head from revision.parent to revision.number, or StaleRevision."""
+        assert revision.parent is not None
+        with self._transaction():
+            cur = self.db.execute(
+                "UPDATE jobs SET head=? WHERE id=? AND head=?",
+                (revision.number, revision.job, revision.parent),
+            )
+            if cur.rowcount != 1:
+                actual = self.get(revision.job).head
+                raise StaleRevision(revision.parent, actual)
+            self.db.execute(
+                "INSERT INTO revisions (job, number, record) VALUES (?, ?, ?)",
+                (revision.job, revision.number, revision.encode()),
+            )
+            self._event(revision.job, "revision", f"r{revision.number} {revision.reason}")
+
+    def revisions(self, job_id: str) -> list[Revision]:
+        rows = self.db.execute(
+            "SELECT record FROM revisions WHERE job=? ORDER BY number", (job_id,)
+        )
+        return [Revision.decode(r["record"]) for r in rows]
+
+    def revision(self, job_id: str, number: int) -> Revision:
+        row = self.db.execute(
+            "SELECT record FROM revisions WHERE job=? AND number=?", (job_id, number)
+        ).fetchone()
+        if row is None:
+            raise JobNotFound(f"{job_id}@r{number}")
+        return Revision.decode(row["record"])
+
+    def head(self, job_id: str) -> Revision:
+        return self.revision(job_id, self.get(job_id).head)
+
+    # ------------------------------------------------------------------------ events
+
+    def events(self, job_id: str) -> list[tuple[int, str, str]]:
+        rows = self.db.execute(
+            "SELECT at_ns, kind, detail FROM events WHERE job=? ORDER BY id", (job_id,)
+        )
+        return [(r["at_ns"], r["kind"], r["detail"]) for r in rows]
+
+    def _event(self, job_id: str | None, kind: str, detail: str = "") -> None:
+        self.db.execute(
+            "INSERT INTO events (job, at_ns, kind, detail) VALUES (?, ?, ?, ?)",
+            (job_id, time.time_ns(), kind, detail),
+        )
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self.db)
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _job(row: sqlite3.Row) -> Job:
+    values = dict(row)
+    for key in _PACKED:
+        values[key] = msgpack.unpackb(values[key], raw=False)
+    return Job(**values)

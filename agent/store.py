@@ -1,0 +1,434 @@
+"""The content-addressed object store on disk: this module owns `root/objects` and `root/tmp`.
+
+Every object is a file named by the SHA-256 of its bytes (`objects/ab/cdef...`: the first two
+hex digits name a shard directory, the other 62 the file). Nothing enters `objects/` that was
+not hashed first, and an object appears there only by rename after its bytes are on disk, so a
+crash leaves the whole object or none (invariant 1). Objects are read-only once visible.
+
+`materialize` turns a manifest back into a tree. It treats the manifest as hostile and the
+destination as contested: every directory is walked by file descriptor with O_NOFOLLOW, so
+nothing is ever written outside the destination, even if a directory in it is swapped for a
+symlink while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.errors import (
+    AmbiguousRef,
+    ChecksumMismatch,
+    InvalidManifest,
+    JobStateError,
+    ObjectMissing,
+)
+from agent.protocol.objects import Entry, Manifest, blob_id, check_object_id, short
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+COPY_THREADS = 4
+MIN_PREFIX = 4
+_HEX = frozenset("0123456789abcdef")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Errors the kernel gives when the tree clashes with itself or changes underneath us.
+_TREE_ERRNOS = {errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+# Errors that mean "this way of copying does not work here", so the next way is tried.
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
+
+
+def _load_syncfs() -> Any:
+    """libc's syncfs(2), or None where it does not exist (then each temp file is fsync-ed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+
+
+class Store:
+    """Objects under `root`, written once and verified on the way in and out."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        for directory, mode in ((self.objects, 0o755), (self.tmp, 0o700)):
+            if not directory.is_dir():
+                directory.mkdir(mode=mode)
+                directory.chmod(mode)  # mkdir's mode is filtered by the umask
+
+    def path(self, object_id: str) -> Path:
+        """Where an object lives. An id that is not 64 lowercase hex is InvalidManifest."""
+        check_object_id(object_id)
+        return self.objects / object_id[:2] / object_id[2:]
+
+    def has(self, object_id: str) -> bool:
+        return self.path(object_id).is_file()
+
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        """The ids not in the store, sorted and de-duplicated; an invalid id is InvalidManifest."""
+        return sorted({i for i in ids if not self.has(i)})
+
+    def put(self, object_id: str, data: bytes) -> bool:
+        """Store one object; True if newly written, False if it was already there.
+
+        The bytes are hashed before anything is written: a mismatch is ChecksumMismatch and
+        leaves neither an object nor a temp file.
+        """
+        _verify(object_id, data)
+        if self.has(object_id):
+            return False
+        return self._write({object_id: data}, batch_sync=False) == 1
+
+    def put_many(self, items: Iterable[tuple[str, bytes]]) -> int:
+        """Store a batch; returns how many objects were new.
+
+        Every item is verified before the first byte is written (one mismatch and nothing is
+        stored). The batch costs one syncfs(2) instead of one fsync per object, which is what
+        makes uploading thousands of small files fast.
+        """
+        pending: dict[str, bytes] = {}
+        for object_id, data in items:
+            _verify(object_id, data)
+            pending[object_id] = data
+        pending = {i: d for i, d in pending.items() if not self.has(i)}
+        return self._write(pending, batch_sync=len(pending) > 1 and _SYNCFS is not None)
+
+    def _write(self, pending: dict[str, bytes], batch_sync: bool) -> int:
+        """Temp files, sync, rename into place, fsync each touched directory once."""
+        temps: list[tuple[str, str]] = []
+        try:
+            for object_id, data in pending.items():
+                temps.append((object_id, self._write_temp(object_id, data, not batch_sync)))
+            if batch_sync and temps:
+                _syncfs(str(self.tmp))
+            touched: set[Path] = set()
+            for object_id, temp in temps:
+                final = self.path(object_id)
+                if not final.parent.is_dir():
+                    with contextlib.suppress(FileExistsError):
+                        final.parent.mkdir(mode=0o755)
+                    touched.add(self.objects)  # the new shard's own name must be durable too
+                os.rename(temp, final)
+                touched.add(final.parent)
+            for directory in sorted(touched, reverse=True):
+                _fsync_dir(directory)
+        finally:
+            for _, temp in temps:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+        return len(temps)
+
+    def _write_temp(self, object_id: str, data: bytes, fsync: bool) -> str:
+        # Read-only from creation: the object is never visible with a writable mode.
+        temp = str(self.tmp / f"{object_id[:16]}.{os.getpid()}.{secrets.token_hex(8)}")
+        fd = os.open(temp, _NEW_FILE, 0o444)
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, 0o444)
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        os.close(fd)
+        return temp
+
+    def get(self, object_id: str) -> bytes:
+        """An object's bytes: ObjectMissing if absent, ChecksumMismatch if the file is corrupt."""
+        try:
+            data = self.path(object_id).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(object_id) from None
+        _verify(object_id, data)
+        return data
+
+    def put_manifest(self, manifest: Manifest) -> str:
+        """Store a manifest as an object; returns its bundle id.
+
+        The encoding is decoded again first, so a manifest built without validation (or not in
+        canonical form) is refused with InvalidManifest rather than stored.
+        """
+        data = manifest.encode()
+        Manifest.decode(data)
+        bundle = blob_id(data)
+        self.put(bundle, data)
+        return bundle
+
+    def get_manifest(self, bundle_id: str) -> Manifest:
+        return Manifest.decode(self.get(bundle_id))
+
+    def resolve(self, prefix: str) -> str:
+        """The one object id starting with `prefix` (at least 4 hex digits).
+
+        InvalidManifest if the prefix is malformed, ObjectMissing if no object matches,
+        AmbiguousRef (detail: the matching ids) if several do.
+        """
+        prefix = prefix.lower()
+        if len(prefix) < MIN_PREFIX or len(prefix) > 64 or not set(prefix) <= _HEX:
+            raise InvalidManifest(f"{prefix!r} is not an object id prefix of 4 to 64 hex", "")
+        shard = self.objects / prefix[:2]
+        names = sorted(os.listdir(shard)) if shard.is_dir() else []
+        found = [prefix[:2] + n for n in names if n.startswith(prefix[2:]) and _is_hex(n, 62)]
+        if not found:
+            raise ObjectMissing(prefix)
+        if len(found) > 1:
+            shown = ", ".join(short(i) for i in found[:5])
+            raise AmbiguousRef(f"{prefix} matches {len(found)} objects: {shown}", found)
+        return found[0]
+
+    def clean_tmp(self) -> int:
+        """Remove temp files left by a crash; returns how many. Call only when no write runs
+        (at agent start-up): a temp file in use would vanish under its writer."""
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            os.unlink(entry.path)
+            removed += 1
+        return removed
+
+    def fsck(self) -> Iterator[tuple[str, str]]:
+        """Re-hash every object; yield (object id or path, problem) for each one that is wrong.
+
+        Problems: content that does not hash to the file's name, files that are not objects
+        (stray or wrong-named), anything that is not a regular file. A healthy store yields
+        nothing.
+        """
+        for shard in sorted(os.scandir(self.objects), key=lambda e: e.name):
+            if not (shard.is_dir(follow_symlinks=False) and _is_hex(shard.name, 2)):
+                yield shard.path, "stray entry: not an object shard directory"
+                continue
+            for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
+                if not _is_hex(entry.name, 62):
+                    yield entry.path, "stray file: its name is not an object id"
+                elif not entry.is_file(follow_symlinks=False):
+                    yield shard.name + entry.name, "not a regular file"
+                else:
+                    object_id = shard.name + entry.name
+                    try:
+                        with open(entry.path, "rb") as f:
+                            actual = hashlib.file_digest(f, "sha256").hexdigest()
+                    except OSError as exc:
+                        yield object_id, f"unreadable: {exc}"
+                        continue
+                    if actual != object_id:
+                        yield object_id, f"corrupt: content hashes to {short(actual)}"
+
+    def materialize(self, manifest: Manifest, dest: Path) -> None:
+        """Write the tree of `manifest` at `dest`, which must not exist or be an empty directory.
+
+        Files are 0o444, executables 0o555, directories 0o755. Entries are re-checked (the
+        manifest may not have been validated) and every blob must be present before anything
+        is created: InvalidManifest, ObjectMissing (listing all missing ids) or JobStateError
+        (dest in the way) leave dest untouched. A clash found while writing (a file and a
+        directory of one name, a directory swapped for a symlink) is InvalidManifest and may
+        leave a partial tree in dest, but nothing is ever written outside dest: callers
+        materialise into a staging directory and rename it into place.
+        """
+        for entry in manifest.entries:
+            entry.check()
+        self._check_present(manifest)
+        groups: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
+        for entry in manifest.entries:
+            groups[tuple(entry.path.split("/")[:-1])].append(entry)
+        root_fd = _open_dest(Path(dest))
+        try:
+            for parts in sorted({p[:n] for p in groups for n in range(1, len(p) + 1)}):
+                _mkdir(root_fd, parts)
+            with ThreadPoolExecutor(COPY_THREADS) as pool:
+                futures = [
+                    pool.submit(self._fill_dir, root_fd, parts, entries)
+                    for parts, entries in groups.items()
+                ]
+                for future in futures:
+                    future.result()
+        finally:
+            os.close(root_fd)
+
+    def _check_present(self, manifest: Manifest) -> None:
+        missing = self.missing(e.blob for e in manifest.entries if e.kind != "symlink")
+        if missing:
+            raise ObjectMissing(missing)
+
+    def _fill_dir(self, root_fd: int, parts: Sequence[str], entries: list[Entry]) -> None:
+        """Create the files and symlinks of one directory, through a descriptor to it."""
+        try:
+            dir_fd = _open_dir(root_fd, parts)
+        except OSError as exc:
+            raise _tree_error(exc, "/".join(parts)) from None
+        try:
+            for entry in entries:
+                try:
+                    self._create(dir_fd, entry)
+                except OSError as exc:
+                    raise _tree_error(exc, entry.path) from None
+        finally:
+            os.close(dir_fd)
+
+    def _create(self, dir_fd: int, entry: Entry) -> None:
+        name = _component(entry.path.rsplit("/", 1)[-1])
+        if entry.kind == "symlink":
+            assert entry.target is not None  # entry.check() guarantees it
+            os.symlink(entry.target, name, dir_fd=dir_fd)
+            return
+        mode = 0o555 if entry.kind == "exec" else 0o444
+        try:
+            src = os.open(self.path(entry.blob), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectMissing(entry.blob) from None  # removed since the presence check
+        try:
+            dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
+            try:
+                _clone(src, dst)
+                os.fchmod(dst, mode)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+
+def _verify(object_id: str, data: bytes) -> None:
+    check_object_id(object_id)
+    actual = blob_id(data)
+    if actual != object_id:
+        raise ChecksumMismatch(object_id, actual)
+
+
+def _is_hex(name: str, length: int) -> bool:
+    return len(name) == length and set(name) <= _HEX
+
+
+def _syncfs(path: str) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _component(name: str) -> str:
+    """One path component, safe to pass with dir_fd: never empty, '.', '..', '/' or NUL."""
+    if name in ("", ".", "..") or "/" in name or "\x00" in name:
+        raise InvalidManifest(f"unsafe path component {name!r}", name)
+    return name
+
+
+def _open_dest(dest: Path) -> int:
+    """Create dest (or accept an empty directory) and open it without following symlinks."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(dest, 0o755)
+    try:
+        fd = os.open(dest, _DIR_FLAGS)
+    except OSError as exc:
+        raise JobStateError(
+            f"cannot materialise into {dest}: not a directory ({exc.strerror})", str(dest)
+        ) from None
+    if os.listdir(fd):
+        os.close(fd)
+        raise JobStateError(f"cannot materialise into {dest}: it is not empty", str(dest))
+    os.fchmod(fd, 0o755)
+    return fd
+
+
+def _open_dir(root_fd: int, parts: Sequence[str]) -> int:
+    """A new descriptor for root/parts, refusing any symlink on the way."""
+    fd = os.dup(root_fd)
+    for part in parts:
+        try:
+            child = os.open(_component(part), _DIR_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def _mkdir(root_fd: int, parts: Sequence[str]) -> None:
+    """Create root/parts (its parent exists); re-opened with O_NOFOLLOW to set its mode, so a
+    swap in between fails rather than escapes."""
+    try:
+        parent = _open_dir(root_fd, parts[:-1])
+        try:
+            os.mkdir(_component(parts[-1]), 0o755, dir_fd=parent)
+        finally:
+            os.close(parent)
+        fd = _open_dir(root_fd, parts)
+        try:
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _tree_error(exc, "/".join(parts)) from None
+
+
+def _tree_error(exc: OSError, where: str) -> Exception:
+    """A clash inside the tree, or the tree changed underneath us, is InvalidManifest; any
+    other OSError (a full disk, an I/O error) is returned as it is."""
+    if exc.errno not in _TREE_ERRNOS:
+        return exc
+    return InvalidManifest(f"cannot create {where or '.'}: {exc.strerror}", where)
+
+
+def _clone(src: int, dst: int) -> None:
+    """Copy src into dst: a copy-on-write clone where the filesystem can (btrfs, XFS), else
+    an in-kernel copy, else read and write. Only "not supported here" errors fall through to
+    the next way; a full disk or an I/O error is raised."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+    size = max(os.fstat(src).st_size, 1)
+    steps: list[Callable[[], int]] = [
+        lambda: os.copy_file_range(src, dst, size),
+        lambda: os.sendfile(dst, src, None, size),
+        lambda: _write_all(dst, os.read(src, 1 << 20)),
+    ]
+    for n, step in enumerate(steps):
+        for fd in (src, dst):
+            os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(dst, 0)
+        try:
+            while step():
+                pass
+            return
+        except OSError as exc:
+            if n == len(steps) - 1 or exc.errno not in _UNSUPPORTED:
+                raise
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    """Write all of data (os.write may write less); returns its length."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)

@@ -1,0 +1,134 @@
+"""AgentClient: one protocol connection to one agent, over any asyncio stream (a local Unix
+socket, an SSH channel, the connection holder's spliced stream). It drives the same sans-I/O
+rpc.Connection the agent uses; this module adds only reading, writing and waiting.
+
+`open_client(...)` is an async context manager: its reader task lives in a TaskGroup that the
+context awaits, so no task outlives the connection. Errors: a LaunchError raised by the agent
+arrives as that same class; a broken stream becomes NodeUnreachable naming the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.errors import LaunchError, NodeUnreachable, ProtocolError
+from agent.protocol.rpc import CLOSED, NEED_DATA, Connection, Notification, Response, Role
+
+READ_SIZE = 256 * 1024
+Listener = Callable[[Any], None]
+
+
+class AgentClient:
+    def __init__(
+        self, node: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.node = node
+        self._reader = reader
+        self._writer = writer
+        self._rpc = Connection(Role.CLIENT)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._listeners: dict[tuple[str, str], Listener] = {}
+        self._broken: LaunchError | None = None
+        self.hello: dict[str, Any] = {}
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Send one request and wait for its result; raises what the agent raised."""
+        if self._broken is not None:
+            raise self._broken
+        rid, data = self._rpc.send_request(method, params or {})
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._waiting.pop(rid, None)
+            raise self._break(f"{method}: {exc}") from None
+        return await future
+
+    @contextlib.contextmanager
+    def listen(self, method: str, key: str, listener: Listener) -> Any:
+        """Route notifications `method` whose params carry job == key to listener."""
+        self._listeners[(method, key)] = listener
+        try:
+            yield
+        finally:
+            self._listeners.pop((method, key), None)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(READ_SIZE)
+                self._rpc.receive_data(data)
+                while (event := self._rpc.next_event()) is not NEED_DATA:
+                    if event is CLOSED:
+                        raise ConnectionError("the agent closed the connection")
+                    self._dispatch(event)
+        except (ConnectionError, OSError, ProtocolError) as exc:
+            self._break(str(exc) or type(exc).__name__)
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, Response):
+            future = self._waiting.pop(event.id, None)
+            if future is not None and not future.done():
+                if event.error is not None:
+                    future.set_exception(event.error)
+                else:
+                    future.set_result(event.result)
+        elif isinstance(event, Notification):
+            key = event.params.get("job", "") if isinstance(event.params, dict) else ""
+            listener = self._listeners.get((event.method, key))
+            if listener is not None:
+                listener(event.params)
+
+    def _break(self, reason: str) -> LaunchError:
+        if self._broken is None:
+            self._broken = NodeUnreachable(self.node, reason)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(self._broken)
+        self._waiting.clear()
+        return self._broken
+
+
+@contextlib.asynccontextmanager
+async def open_client(
+    node: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    client_name: str = "launch",
+) -> AsyncIterator[AgentClient]:
+    """Say hello over an open stream and yield the client; close everything on exit."""
+    client = AgentClient(node, reader, writer)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            reading = tg.create_task(client._read_loop())
+            try:
+                client.hello = await client.call("hello", client._rpc.hello_params(client_name))
+                yield client
+            finally:
+                reading.cancel()
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def open_unix_client(
+    node: str, path: Path, timeout: float = 10.0
+) -> AsyncIterator[AgentClient]:
+    """A client on an agent's Unix socket on this machine."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=READ_SIZE), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+        raise NodeUnreachable(node, f"cannot connect to {path}: {reason}") from None
+    async with open_client(node, reader, writer) as client:
+        yield client
