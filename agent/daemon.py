@@ -195,8 +195,8 @@ def status(user: bool, sock: Path | None, as_json: bool) -> None:
     """Show this node's agent, its resources and your jobs."""
     config = resolve_config(user, sock, None)
     try:
-        info = _call(config.socket, "node_info", {})
-        jobs = _call(config.socket, "jobs", {})["jobs"]
+        info = call_once(config.socket, "node_info", {})
+        jobs = call_once(config.socket, "jobs", {})["jobs"]
     except (OSError, LaunchError) as exc:
         sys.exit(f"launch-agent: cannot reach the agent at {config.socket}: {exc}")
     if as_json:
@@ -219,7 +219,7 @@ def status(user: bool, sock: Path | None, as_json: bool) -> None:
         )
 
 
-def _call(path: Path, method: str, params: dict[str, Any]) -> Any:
+def call_once(path: Path, method: str, params: dict[str, Any]) -> Any:
     """One blocking request after hello; enough for this command, which needs no asyncio."""
     from agent.protocol.rpc import CLOSED, NEED_DATA, Connection, Response, Role
 

@@ -242,11 +242,15 @@ class Store:
         (dest in the way) leave dest untouched. A clash found while writing (a file and a
         directory of one name, a directory swapped for a symlink) is InvalidManifest and may
         leave a partial tree in dest, but nothing is ever written outside dest: callers
-        materialise into a staging directory and rename it into place.
+        materialise into a staging directory and rename it into place. dest's parent must
+        exist (else FileNotFoundError). Blobs are cloned, not re-hashed: they were verified
+        on the way in, and `fsck` re-verifies them.
         """
         for entry in manifest.entries:
             entry.check()
-        self._check_present(manifest)
+        missing = self.missing(e.blob for e in manifest.entries if e.kind != "symlink")
+        if missing:
+            raise ObjectMissing(missing)
         groups: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
         for entry in manifest.entries:
             groups[tuple(entry.path.split("/")[:-1])].append(entry)
@@ -263,11 +267,6 @@ class Store:
                     future.result()
         finally:
             os.close(root_fd)
-
-    def _check_present(self, manifest: Manifest) -> None:
-        missing = self.missing(e.blob for e in manifest.entries if e.kind != "symlink")
-        if missing:
-            raise ObjectMissing(missing)
 
     def _fill_dir(self, root_fd: int, parts: Sequence[str], entries: list[Entry]) -> None:
         """Create the files and symlinks of one directory, through a descriptor to it."""

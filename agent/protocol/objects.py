@@ -402,8 +402,8 @@ class Revision:
         if not _is_int(self.number) or self.number < 0:
             raise InvalidManifest("revision number is not a non-negative integer", "")
         expected_parent = None if self.number == 0 else self.number - 1
-        # `isinstance(bool)`: False == 0 and True == 1, but they encode differently.
-        if self.parent != expected_parent or isinstance(self.parent, bool):
+        # The type too: False == 0.0 == 0, but they encode differently.
+        if self.parent != expected_parent or type(self.parent) is not type(expected_parent):
             raise InvalidManifest(f"revision {self.number} must name parent {expected_parent}", "")
         check_object_id(self.bundle, "revision bundle")
         if self.reason not in REASONS:

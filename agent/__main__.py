@@ -1,0 +1,5 @@
+"""`python -m agent` is `launch-agent`."""
+
+from agent.daemon import main
+
+main()

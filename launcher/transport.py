@@ -1,0 +1,149 @@
+"""SSH to the nodes: the only module that imports asyncssh.
+
+One SSH connection per node, made as OpenSSH would make it: ~/.ssh/config (or the cluster's
+ssh_config), known_hosts checked and failing closed, the user's keys and ssh-agent. Through
+it the agent's Unix socket is opened as a `direct-streamlocal` channel; where sshd refuses
+that (`AllowTcpForwarding no` also refuses it in OpenSSH 9.2), it runs `launch-agent dial`
+instead and speaks over its stdin and stdout.
+
+Every asyncssh or OS error becomes NodeUnreachable naming the node, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from agent.protocol.errors import NodeUnreachable
+
+CONNECT_TIMEOUT_S = 15.0
+KEEPALIVE_S = 30
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where and how to reach one node's agent over SSH."""
+
+    host: str
+    socket: str
+    user: str | None = None
+    port: int | None = None
+    ssh_config: str | None = None
+    agent_command: str = "launch-agent"
+    connect_timeout: float = CONNECT_TIMEOUT_S
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.host, self.user, self.port, self.ssh_config)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> SshTarget:
+        return cls(**{k: value[k] for k in cls.__dataclass_fields__ if k in value})
+
+
+@dataclass
+class AgentStream:
+    reader: Any
+    writer: Any
+    address: str  # the node's address as this connection reached it (for MASTER_ADDR)
+    via: str  # "forward" or "dial"
+
+
+def _reason(target: SshTarget, exc: BaseException) -> str:
+    """A one-line reason for a failed connection, with what to do where we can say it."""
+    where = f"{target.host}" + (f":{target.port}" if target.port else "")
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        port = f"-p {target.port} " if target.port else ""
+        return (
+            f"host key of {where} is unknown or changed ({exc.reason}); check its "
+            f"fingerprint, then add it: ssh-keyscan {port}{target.host} >> ~/.ssh/known_hosts"
+        )
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return f"SSH authentication to {where} failed: check your key or ssh-agent ({exc.reason})"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"SSH disconnected: {exc.reason}"
+    if isinstance(exc, asyncssh.ChannelOpenError):
+        return f"cannot open the agent socket {target.socket}: {exc.reason}"
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return f"no answer from {where} within {target.connect_timeout:.0f} s"
+    if isinstance(exc, OSError):
+        return f"{where}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class SshPool:
+    """Open SSH connections by target; one per node, shared by every stream to it."""
+
+    def __init__(self) -> None:
+        self._conns: dict[tuple[Any, ...], asyncssh.SSHClientConnection] = {}
+        self._locks: dict[tuple[Any, ...], asyncio.Lock] = {}
+
+    async def connection(self, target: SshTarget) -> asyncssh.SSHClientConnection:
+        lock = self._locks.setdefault(target.key, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(target.key)
+            if conn is not None and not conn.is_closed():
+                return conn
+            config = [target.ssh_config] if target.ssh_config else ()
+            options: dict[str, Any] = {
+                "config": config,
+                "connect_timeout": target.connect_timeout,
+                "keepalive_interval": KEEPALIVE_S,
+            }
+            if target.user:
+                options["username"] = target.user
+            if target.port:
+                options["port"] = target.port
+            try:
+                conn = await asyncssh.connect(target.host, **options)
+            except (OSError, asyncssh.Error, TimeoutError) as exc:
+                raise NodeUnreachable(target.host, _reason(target, exc)) from None
+            self._conns[target.key] = conn
+            return conn
+
+    async def open_agent(self, target: SshTarget) -> AgentStream:
+        """A byte stream to the node's agent, by forwarding or, if refused, by dial."""
+        conn = await self.connection(target)
+        peer = conn.get_extra_info("peername")
+        address = peer[0] if peer else target.host
+        try:
+            reader, writer = await conn.open_unix_connection(target.socket)
+            return AgentStream(reader, writer, address, "forward")
+        except asyncssh.ChannelOpenError as exc:
+            if exc.code != asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+                raise NodeUnreachable(
+                    target.host,
+                    f"no agent at {target.socket} ({exc.reason}); start it there: "
+                    "launch-agent serve (or deploy/install.sh)",
+                ) from None
+        except (OSError, asyncssh.Error) as exc:
+            raise NodeUnreachable(target.host, _reason(target, exc)) from None
+        return await self._dial(conn, target, address)
+
+    async def _dial(
+        self, conn: asyncssh.SSHClientConnection, target: SshTarget, address: str
+    ) -> AgentStream:
+        command = f"{target.agent_command} dial --socket {shlex.quote(target.socket)}"
+        try:
+            process = await conn.create_process(command, encoding=None)
+        except (OSError, asyncssh.Error) as exc:
+            raise NodeUnreachable(target.host, _reason(target, exc)) from None
+        return AgentStream(process.stdout, process.stdin, address, "dial")
+
+    async def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        for conn in self._conns.values():
+            await conn.wait_closed()
+        self._conns.clear()
+
+
+def default_ssh_config() -> str | None:
+    path = Path(os.path.expanduser("~/.ssh/config"))
+    return str(path) if path.is_file() else None
