@@ -16,6 +16,8 @@ class LaunchError(Exception):
 
     code: ClassVar[int] = 1
     detail: Any = None
+    # Set by the launcher on an error that one node raised, so each is reported by name.
+    node: str | None = None
 
     def __init__(self, message: str, detail: Any = None) -> None:
         super().__init__(message)

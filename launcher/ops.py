@@ -1,0 +1,505 @@
+"""The operations behind the CLI, over N nodes: freeze, submit (two phases), logs, status,
+ls, cancel, nodes, cat. Each returns data; launcher/render.py shows it, launcher/cli.py maps
+its errors to exit codes.
+
+Submit keeps invariant 2: every node prepares (objects present, code directory built,
+revision 0 recorded) before any node starts; if any node fails to prepare, the job is aborted
+on every node that did, and nothing runs anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import secrets
+import socket
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.protocol.errors import JobStateError, LaunchError, NodeUnreachable
+from agent.protocol.objects import Manifest, object_kind
+from launcher import home
+from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet, open_fleet_settled
+from launcher.nodes import Node, ensure_local_agents, open_node
+from launcher.records import JobRecord, Records
+
+BATCH_BYTES = 16 * 2**20
+ALPHABET = string.digits + string.ascii_lowercase
+
+
+def new_job_id() -> str:
+    """`j-` + milliseconds in base 36 (sortable) + 4 random characters."""
+    ms = int(time.time() * 1000)
+    digits = ""
+    while ms:
+        ms, r = divmod(ms, 36)
+        digits = ALPHABET[r] + digits
+    return f"j-{digits}-{''.join(secrets.choice(ALPHABET) for _ in range(4))}"
+
+
+def local_store() -> Any:
+    from agent.store import Store
+
+    return Store(home.store_dir())
+
+
+# -------------------------------------------------------------------------------- freeze
+
+
+def freeze_dir(directory: Path, max_file_size: int | None = None) -> Any:
+    """Freeze a directory into the launcher's local store (stat cache on)."""
+    from agent.protocol.errors import InvalidManifest
+    from launcher.freeze import freeze
+
+    directory = directory.expanduser()
+    if not directory.is_dir():
+        raise InvalidManifest(f"{directory} is not a directory: give the source tree to freeze")
+    kwargs: dict[str, Any] = {"cache_path": home.stat_cache_path(directory)}
+    if max_file_size is not None:
+        kwargs["max_file_size"] = max_file_size
+    return freeze(directory.resolve(), local_store(), **kwargs)
+
+
+def cat(object_id: str) -> tuple[str, str, bytes]:
+    """(full id, kind, bytes) of an object in the local store, by id or unique prefix."""
+    store = local_store()
+    full = store.resolve(object_id)
+    data = store.get(full)
+    return full, object_kind(data), data
+
+
+# -------------------------------------------------------------------------------- submit
+
+
+@dataclass
+class SubmitOptions:
+    argv: list[str]
+    nodes: list[Node]
+    directory: Path
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+    max_file_size: int | None = None
+
+
+@dataclass
+class Progress:
+    """What submit reports while it works; the CLI renders it (or not, when piped)."""
+
+    on_frozen: Callable[[Any], None] = lambda frozen: None
+    on_upload_start: Callable[[int, int], None] = lambda nbytes, nblobs: None
+    on_upload: Callable[[int], None] = lambda nbytes: None
+    on_upload_end: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Submitted:
+    job: str
+    bundle: str
+    nodes: list[Node]
+    addresses: list[str]
+    sent_blobs: list[int]  # per node
+    sent_bytes: list[int]
+    frozen: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "bundle": self.bundle,
+            "revision": 0,
+            "nodes": [n.name for n in self.nodes],
+            "sent_blobs": self.sent_blobs,
+        }
+
+
+def author() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submitted:
+    progress = progress or Progress()
+    await asyncio.to_thread(ensure_local_agents, opts.nodes)
+    frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size)
+    progress.on_frozen(frozen)
+    job = new_job_id()
+    manifest: Manifest = frozen.manifest
+    store = local_store()
+    async with open_fleet(opts.nodes) as conns:
+        missing = await on_each(conns, lambda c: _put_manifest(c, manifest), "upload")
+        sizes = {e.blob: e.size for e in manifest.entries}
+        total = sum(sizes[b] for ids in missing for b in ids)
+        progress.on_upload_start(total, sum(len(ids) for ids in missing))
+        try:
+            await on_each(
+                conns,
+                lambda c: _send_blobs(c, missing[c.rank], store, progress.on_upload),
+                "upload",
+            )
+        finally:
+            progress.on_upload_end()
+        peers = [c.address for c in conns]
+        params = {
+            "job": job,
+            "bundle": manifest.bundle_id,
+            "argv": opts.argv,
+            "env": opts.env,
+            "nnodes": len(conns),
+            "peers": peers,
+            "name": opts.name,
+            "author": author(),
+            "message": opts.message,
+            "source": frozen.source.to_wire(),
+        }
+        try:
+            prepared = await on_each(
+                conns, lambda c: c.client.call("prepare", {**params, "rank": c.rank}), "prepare"
+            )
+        except BaseException:
+            await on_each_settled(conns, lambda c: c.client.call("abort", {"job": job}))
+            raise
+        start = {
+            "job": job,
+            "master_addr": conns[0].address,
+            "master_port": int(prepared[0]["port"]),
+        }
+        try:
+            await on_each(conns, lambda c: c.client.call("start", start), "start")
+        except BaseException:
+            # Rare (a node died between the phases): stop what did start; say so.
+            await on_each_settled(conns, lambda c: c.client.call("cancel", {"job": job}))
+            raise
+    records = Records(home.records_path())
+    try:
+        records.add(
+            job,
+            opts.name,
+            [n.to_dict() for n in opts.nodes],
+            opts.directory.resolve(),
+            opts.argv,
+            manifest.bundle_id,
+        )
+    finally:
+        records.close()
+    return Submitted(
+        job,
+        manifest.bundle_id,
+        opts.nodes,
+        [c.address for c in conns],
+        [len(m) for m in missing],
+        [sum(sizes[b] for b in m) for m in missing],
+        frozen,
+    )
+
+
+async def _put_manifest(conn: NodeConn, manifest: Manifest) -> list[str]:
+    result = await conn.client.call("put_manifest", {"manifest": manifest.encode()})
+    return list(result["missing"])
+
+
+async def _send_blobs(
+    conn: NodeConn, ids: list[str], store: Any, on_bytes: Callable[[int], None]
+) -> None:
+    """Send blobs in batches of up to BATCH_BYTES; the agent verifies every one."""
+    batch: list[list[Any]] = []
+    size = 0
+    for blob in ids:
+        data = await asyncio.to_thread(store.path(blob).read_bytes)
+        if batch and size + len(data) > BATCH_BYTES:
+            await conn.client.call("put_blobs", {"blobs": batch})
+            on_bytes(size)
+            batch, size = [], 0
+        batch.append([blob, data])
+        size += len(data)
+    if batch:
+        await conn.client.call("put_blobs", {"blobs": batch})
+        on_bytes(size)
+
+
+# ---------------------------------------------------------------------------------- logs
+
+
+COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "red"]
+ANSI = {"cyan": 36, "magenta": 35, "green": 32, "yellow": 33, "blue": 34, "red": 31}
+
+
+class LineWriter:
+    """Merges the logs of several nodes into whole lines, each prefixed with its rank."""
+
+    def __init__(self, out: TextIO, nnodes: int, colour: bool) -> None:
+        self.out = out
+        self.width = len(str(max(nnodes - 1, 0)))
+        self.colour = colour
+        self.partial: dict[int, bytes] = {}
+
+    def prefix(self, rank: int) -> str:
+        tag = f"[{rank:>{self.width}}]"
+        if self.colour:
+            return f"\x1b[{ANSI[COLOURS[rank % len(COLOURS)]]}m{tag}\x1b[0m "
+        return f"{tag} "
+
+    def feed(self, rank: int, data: bytes) -> None:
+        data = self.partial.pop(rank, b"") + data
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self.partial[rank] = rest
+        if lines:
+            prefix = self.prefix(rank)
+            text = "".join(f"{prefix}{line.decode('utf-8', 'replace')}\n" for line in lines)
+            self.out.write(text)
+            self.out.flush()
+
+    def close(self, rank: int) -> None:
+        rest = self.partial.pop(rank, b"")
+        if rest:
+            self.feed(rank, rest + b"\n")
+
+
+async def follow_node_logs(
+    node: Node,
+    rank: int,
+    job: str,
+    writer: LineWriter,
+    *,
+    follow: bool,
+    conn: NodeConn | None = None,
+    offset: int = 0,
+    retries: int = 30,
+) -> dict[str, Any]:
+    """Stream one node's log from `offset` until the job ends there (or once, without follow).
+
+    A broken connection is reopened and the stream goes on from the last offset received,
+    so no byte is lost or repeated.
+    """
+    attempt = 0
+    while True:
+        try:
+            if conn is not None:
+                return await _stream(conn, job, rank, writer, follow, offset)
+            async with open_node(node) as (client, address):
+                return await _stream(
+                    NodeConn(rank, node, client, address), job, rank, writer, follow, offset
+                )
+        except NodeUnreachable as exc:
+            offset = getattr(exc, "log_offset", offset)
+            attempt += 1
+            conn = None
+            if attempt > retries:
+                raise
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        finally:
+            writer.close(rank)
+
+
+async def _stream(
+    conn: NodeConn, job: str, rank: int, writer: LineWriter, follow: bool, offset: int
+) -> dict[str, Any]:
+    position = offset
+
+    def on_log(params: dict[str, Any]) -> None:
+        nonlocal position
+        if params.get("offset") == position:  # exactly the next bytes: never twice
+            data = params["data"]
+            writer.feed(rank, data)
+            position += len(data)
+
+    try:
+        with conn.client.listen("log", job, on_log):
+            result: dict[str, Any] = await conn.client.call(
+                "logs", {"job": job, "offset": offset, "follow": follow}
+            )
+    except NodeUnreachable as exc:
+        exc.log_offset = position  # type: ignore[attr-defined]
+        raise
+    return result
+
+
+async def logs(ref: str, *, follow: bool, rank: int | None, out: TextIO, colour: bool) -> int:
+    record = _record(ref)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    writer = LineWriter(out, len(nodes), colour)
+    chosen = [(r, n) for r, n in enumerate(nodes) if rank is None or r == rank]
+    if not chosen:
+        raise JobStateError(f"job {record.id} has no node of rank {rank}", record.id)
+    async with asyncio.TaskGroup() as tg:
+        for r, node in chosen:
+            tg.create_task(follow_node_logs(node, r, record.id, writer, follow=follow))
+    return 0
+
+
+async def follow_submitted(sub: Submitted, out: TextIO, colour: bool) -> int:
+    """After submit: follow every node's log to the end, then the job's exit code."""
+    writer = LineWriter(out, len(sub.nodes), colour)
+    results: list[dict[str, Any]] = [{} for _ in sub.nodes]
+
+    async def one(rank: int, node: Node) -> None:
+        results[rank] = await follow_node_logs(node, rank, sub.job, writer, follow=True)
+
+    async with asyncio.TaskGroup() as tg:
+        for rank, node in enumerate(sub.nodes):
+            tg.create_task(one(rank, node))
+    statuses = await status(sub.job)
+    return exit_code_of(statuses["nodes"])
+
+
+def exit_code_of(nodes: list[dict[str, Any]]) -> int:
+    """0 when every rank succeeded; else the first failing rank's code (1 if it has none)."""
+    for node in nodes:
+        if node.get("state") != "succeeded":
+            code = node.get("exit_code")
+            return code if isinstance(code, int) and code > 0 else 1
+    return 0
+
+
+# ------------------------------------------------------------------------- status and ls
+
+
+def _record(ref: str) -> JobRecord:
+    records = Records(home.records_path())
+    try:
+        return records.resolve(ref)
+    finally:
+        records.close()
+
+
+async def status(ref: str) -> dict[str, Any]:
+    """Per node: state, revision, bundle, pid, exit code; `diverged` when revisions differ."""
+    record = _record(ref)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    rows: list[dict[str, Any]] = []
+    async with open_fleet_settled(nodes) as items:
+        conns = [x for x in items if isinstance(x, NodeConn)]
+        answers = await on_each_settled(
+            conns, lambda c: c.client.call("status", {"job": record.id})
+        )
+        by_rank = {c.rank: a for c, a in zip(conns, answers, strict=True)}
+        for rank, node in enumerate(nodes):
+            item = items[rank]
+            answer = by_rank.get(rank, item)
+            if isinstance(answer, LaunchError):
+                rows.append(
+                    {
+                        "rank": rank,
+                        "node": node.name,
+                        "state": "unreachable" if isinstance(answer, NodeUnreachable) else "error",
+                        "error": str(answer),
+                    }
+                )
+            else:
+                rows.append({**answer, "rank": rank, "node": node.name, "host": answer["node"]})
+    revisions = {r.get("revision") for r in rows if "revision" in r}
+    return {
+        "job": record.id,
+        "name": record.name,
+        "argv": record.argv,
+        "bundle": record.bundle,
+        "nodes": rows,
+        "diverged": len(revisions) > 1,
+        "state": overall_state(rows),
+    }
+
+
+def overall_state(rows: list[dict[str, Any]]) -> str:
+    states = {r.get("state") for r in rows}
+    for state in ("unreachable", "error", "running", "prepared", "failed", "lost", "cancelled"):
+        if state in states:
+            return state
+    return "succeeded" if states == {"succeeded"} else "/".join(sorted(map(str, states)))
+
+
+async def ls(limit: int = 20) -> list[dict[str, Any]]:
+    """Recent jobs from the records, each with its state as its nodes report it."""
+    records = Records(home.records_path())
+    try:
+        recent = records.all(limit)
+    finally:
+        records.close()
+    distinct: dict[str, Node] = {}
+    for record in recent:
+        for n in record.nodes:
+            node = Node.from_dict(n)
+            distinct.setdefault(_node_key(node), node)
+    states: dict[tuple[str, str], str] = {}
+    if distinct:
+        async with open_fleet_settled(list(distinct.values())) as items:
+            conns = [x for x in items if isinstance(x, NodeConn)]
+            answers = await on_each_settled(conns, lambda c: c.client.call("jobs", {}))
+            for conn, answer in zip(conns, answers, strict=True):
+                if isinstance(answer, dict):
+                    for job in answer["jobs"]:
+                        states[(_node_key(conn.node), job["job"])] = job["state"]
+    out = []
+    for record in recent:
+        rows = [
+            {"state": states.get((_node_key(Node.from_dict(n)), record.id), "unreachable")}
+            for n in record.nodes
+        ]
+        out.append(
+            {
+                "job": record.id,
+                "name": record.name,
+                "state": overall_state(rows),
+                "nodes": len(record.nodes),
+                "argv": record.argv,
+                "bundle": record.bundle,
+                "created": record.created,
+            }
+        )
+    return out
+
+
+def _node_key(node: Node) -> str:
+    return f"{node.kind}:{node.user}@{node.host}:{node.port}:{node.socket}"
+
+
+async def cancel(ref: str, grace_s: int = 10) -> list[dict[str, Any] | LaunchError]:
+    record = _record(ref)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    async with open_fleet(nodes) as conns:
+        return await on_each_settled(
+            conns, lambda c: c.client.call("cancel", {"job": record.id, "grace_s": grace_s})
+        )
+
+
+async def node_infos(nodes: list[Node]) -> list[dict[str, Any]]:
+    """Each node's info from its agent, or why it is unreachable."""
+    rows: list[dict[str, Any]] = []
+    async with open_fleet_settled(nodes) as items:
+        conns = [x for x in items if isinstance(x, NodeConn)]
+        answers = await on_each_settled(conns, lambda c: c.client.call("node_info", {}))
+        by_name = {c.name: a for c, a in zip(conns, answers, strict=True)}
+        for node, item in zip(nodes, items, strict=True):
+            answer = by_name.get(node.name, item)
+            if isinstance(answer, LaunchError):
+                rows.append({"node": node.name, "reachable": False, "error": str(answer)})
+            else:
+                rows.append({**answer, "node": node.name, "reachable": True})
+    return rows
+
+
+def local_agent_nodes() -> list[Node]:
+    """Local agents that have state on this machine (for `launch nodes` with no cluster)."""
+    from launcher.nodes import local_nodes
+
+    count = len(list(home.local_dir().glob("node*.pid"))) if home.local_dir().exists() else 0
+    return local_nodes(count) if count else []
+
+
+def environ_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    from agent.protocol.errors import InvalidParams
+
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if (
+            not sep
+            or not key
+            or not (key[0].isalpha() or key[0] == "_")
+            or not all(c.isalnum() or c == "_" for c in key)
+        ):
+            raise InvalidParams(f"--env {item!r}: expected NAME=VALUE with a shell-safe NAME")
+        env[key] = value
+    return env

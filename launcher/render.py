@@ -1,0 +1,209 @@
+"""How results look: rich tables on a terminal, plain text when piped, JSON on request, and
+the upload progress bar. Nothing here talks to a node."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def frozen_summary(frozen: Any) -> None:
+    git = frozen.source
+    where = f" (git {git.commit[:12]}{' dirty' if git.dirty else ''})" if git.commit else ""
+    out.print(
+        f"bundle {frozen.bundle_id[:12]}: {len(frozen.manifest)} files, "
+        f"{human_bytes(frozen.manifest.total_size)}{where}"
+    )
+    for item in frozen.excluded[:20]:
+        out.print(f"  excluded {item.path}: {item.reason}")
+    if len(frozen.excluded) > 20:
+        out.print(f"  ... and {len(frozen.excluded) - 20} more excluded")
+
+
+def frozen_json(frozen: Any) -> dict[str, Any]:
+    src = frozen.source
+    return {
+        "bundle": frozen.bundle_id,
+        "files": len(frozen.manifest),
+        "bytes": frozen.manifest.total_size,
+        "excluded": [{"path": e.path, "reason": e.reason} for e in frozen.excluded],
+        "git": {"commit": src.commit, "branch": src.branch, "dirty": src.dirty},
+    }
+
+
+def manifest_text(manifest: Any) -> str:
+    lines = []
+    for e in manifest.entries:
+        target = f" -> {e.target}" if e.kind == "symlink" else ""
+        lines.append(f"{e.kind:<7} {e.size:>10} {e.blob[:12]}  {e.path}{target}")
+    return "\n".join(lines)
+
+
+def revision_text(rev: Any) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rev.at_ns / 1e9))
+    return "\n".join(
+        [
+            f"revision {rev.ref}",
+            f"parent   {rev.parent}",
+            f"bundle   {rev.bundle}",
+            f"reason   {rev.reason}",
+            f"author   {rev.author}",
+            f"time     {when}",
+            f"step     {rev.step}",
+            f"paths    {', '.join(rev.paths)}",
+            f"message  {rev.message}",
+        ]
+    )
+
+
+STATE_STYLE = {
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "lost": "red",
+    "unreachable": "red",
+    "error": "red",
+    "cancelled": "yellow",
+    "prepared": "blue",
+}
+
+
+def _state(state: str) -> str:
+    style = STATE_STYLE.get(state)
+    return f"[{style}]{state}[/]" if style else state
+
+
+def status_table(st: dict[str, Any]) -> None:
+    title = f"{st['job']}  {' '.join(st['argv'])}"
+    if st["diverged"]:
+        title += "  [red]DIVERGED[/]: nodes disagree on the revision (see `launch repair`)"
+    table = Table(title=title, title_justify="left")
+    for col in ("rank", "node", "state", "rev", "bundle", "pid", "exit"):
+        table.add_column(col)
+    for row in st["nodes"]:
+        if "error" in row:
+            table.add_row(
+                str(row["rank"]), row["node"], _state(row["state"]), "", "", "", row["error"]
+            )
+            continue
+        exit_text = "" if row.get("exit_code") is None else str(row["exit_code"])
+        if row.get("signal"):
+            exit_text += f" (signal {row['signal']})"
+        table.add_row(
+            str(row["rank"]),
+            row["node"],
+            _state(row["state"]),
+            f"r{row['revision']}",
+            row["bundle"][:12],
+            str(row.get("pid") or ""),
+            exit_text,
+        )
+    out.print(table)
+
+
+def ls_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        out.print("no jobs yet: `launch submit -- CMD` starts one")
+        return
+    table = Table()
+    for col in ("job", "name", "state", "nodes", "bundle", "command"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["job"],
+            r["name"],
+            _state(r["state"]),
+            str(r["nodes"]),
+            r["bundle"][:12],
+            " ".join(r["argv"]),
+        )
+    out.print(table)
+
+
+def nodes_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        out.print(
+            "no nodes: configure a cluster in launch.toml, or `launch submit --nodes N` "
+            "starts local agents"
+        )
+        return
+    table = Table()
+    for col in ("node", "agent", "cpus", "load", "memory free", "disk free", "gpus", "jobs"):
+        table.add_column(col)
+    for r in rows:
+        if not r["reachable"]:
+            table.add_row(r["node"], f"[red]unreachable[/]: {r['error']}", "", "", "", "", "", "")
+            continue
+        table.add_row(
+            r["node"],
+            f"{r['agent']} ({r['hostname']})",
+            str(r["cpus"]),
+            f"{r['load'][0]:.2f}",
+            human_bytes(r["memory_available"]),
+            human_bytes(r["disk_free"]),
+            str(len(r["gpus"])),
+            str(r["jobs_running"]),
+        )
+    out.print(table)
+
+
+class UploadBar:
+    """A progress bar for uploads that take more than a moment, on a terminal only."""
+
+    THRESHOLD = 8 * 2**20
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and err.is_terminal
+        self.progress: Any = None
+        self.task: Any = None
+
+    def start(self, nbytes: int, nblobs: int) -> None:
+        if not self.enabled or nbytes < self.THRESHOLD:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("uploading {task.fields[blobs]} blobs"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err,
+            transient=True,
+        )
+        self.task = self.progress.add_task("upload", total=nbytes, blobs=nblobs)
+        self.progress.start()
+
+    def advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, nbytes)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
