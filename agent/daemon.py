@@ -69,9 +69,12 @@ async def run_agent(config: Config) -> None:
     from agent.handlers import Agent
     from agent.jobs import JobManager
     from agent.revlog import RevLog
-    from agent.server import bind_socket, serve
+    from agent.server import bind_socket, check_socket_dir, serve
     from agent.store import Store
 
+    # Refuse an unsafe socket directory first: before any state is created or job re-adopted.
+    config.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    check_socket_dir(config.socket.parent)
     state = StatePaths(config.state)
     state.root.mkdir(parents=True, exist_ok=True, mode=0o755 if config.system else 0o700)
     store = Store(state.store)

@@ -148,6 +148,7 @@ class JobManager:
             state="prepared",
             head=0,
             created_ns=now,
+            login=p.login,
         )
         self._publish_revision(paths, revision)
         self.revlog.create_job(job, revision)
@@ -215,8 +216,10 @@ class JobManager:
             "LANG": "C.UTF-8",
         }
         # The login shell reads the owner's profile (PATH, modules, conda), then the overlay
-        # puts the submitter's values and ours on top, then execs the command itself.
-        command = [owner.shell, "-lc", '. "$0" && exec "$@"', str(paths.env_overlay), *job.argv]
+        # puts the submitter's values and ours on top, then execs the command itself. Without
+        # login, /bin/sh reads no profile at all: only the base environment and the overlay.
+        shell = [owner.shell, "-lc"] if job.login else ["/bin/sh", "-c"]
+        command = [*shell, '. "$0" && exec "$@"', str(paths.env_overlay), *job.argv]
         spec: dict[str, Any] = {"command": command, "env": base_env, "cwd": str(paths.code)}
         if self.is_root:
             spec.update(uid=owner.uid, gid=owner.gid, groups=os.getgrouplist(owner.name, owner.gid))

@@ -14,9 +14,15 @@ def sd_notify(message: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+    # Like libsystemd's sd_notify, a vanished or refusing supervisor socket is a failed
+    # notification, never an exception: the watchdog task or shutdown must not bring the
+    # agent down with it.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError:
+        return False
     return True
 
 

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     shim_start REAL,
     restart_count INTEGER NOT NULL DEFAULT 0,
     master_addr TEXT,
-    master_port INTEGER
+    master_port INTEGER,
+    login INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS revisions (
     job TEXT NOT NULL REFERENCES jobs(id),
@@ -87,6 +88,7 @@ class Job:
     restart_count: int = 0
     master_addr: str | None = None
     master_port: int | None = None
+    login: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -239,6 +241,7 @@ class _Tx:
 
 def _job(row: sqlite3.Row) -> Job:
     values = dict(row)
+    values["login"] = bool(values["login"])
     for key in _PACKED:
         values[key] = msgpack.unpackb(values[key], raw=False)
     return Job(**values)

@@ -114,9 +114,11 @@ async def _serve_connection(agent: Agent, conn: socket.socket, allowed_uid: int 
             log.warning("refused uid %d (this agent serves uid %d only)", caller.uid, allowed_uid)
             return
         await _drive(agent, caller, reader, writer)
-    except (ConnectionError, RemoteProtocolError) as exc:
-        log.info("connection from pid %d closed: %s", caller.pid, exc)
-    except Exception:
+    # except*: _drive's TaskGroup re-raises even its own body's error inside an ExceptionGroup,
+    # and a peer that breaks the protocol or hangs up is no failure of ours (no traceback).
+    except* (ConnectionError, RemoteProtocolError) as group:
+        log.info("connection from pid %d closed: %s", caller.pid, group.exceptions[0])
+    except* Exception:
         log.exception("connection from pid %d failed", caller.pid)
     finally:
         writer.close()

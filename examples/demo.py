@@ -23,8 +23,11 @@ def launch(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str
 def main() -> int:
     try:
         launch("local", "up", "2")
+        # --no-login-shell: both ranks start at once on this one machine, and a login shell
+        # whose profile runs `pyenv init` waits up to 60 s on pyenv's rehash lock when two
+        # start together. On real nodes (one rank each) the default login shell is right.
         submitted = launch("submit", "--nodes", "2", "--name", "demo", "--dir", str(HERE),
-                           "--", "python3", "train.py")
+                           "--no-login-shell", "--", "python3", "train.py")
         launch("ls")
         launch("status", "demo")
         launch("freeze", str(HERE))

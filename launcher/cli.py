@@ -213,6 +213,14 @@ def _nodes_options(fn: Any) -> Any:
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return.")
 @click.option("--json", "as_json", is_flag=True, help="Print {job, bundle, revision, nodes}.")
 @click.option("-m", "--message", default="", help="A note kept with revision 0.")
+@click.option(
+    "--login-shell/--no-login-shell",
+    "login",
+    default=True,
+    show_default=True,
+    help="Run COMMAND in your login environment (shell profile: PATH, conda, modules), as "
+    "over SSH; --no-login-shell starts it with the system PATH and --env only.",
+)
 @_max_size
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(
@@ -226,6 +234,7 @@ def submit(
     detach: bool,
     as_json: bool,
     message: str,
+    login: bool,
     max_file_size: str | None,
     command: tuple[str, ...],
 ) -> None:
@@ -264,6 +273,7 @@ def submit(
         env=call(ops.environ_pairs, env),
         message=message,
         max_file_size=_size(max_file_size),
+        login=login,
     )
     bar = render.UploadBar(enabled=not as_json)
     progress = ops.Progress(

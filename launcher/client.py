@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.protocol.errors import LaunchError, NodeUnreachable, ProtocolError
 from agent.protocol.rpc import CLOSED, NEED_DATA, Connection, Notification, Response, Role
+from launcher.scope import background_tasks
 
 READ_SIZE = 256 * 1024
 Listener = Callable[[Any], None]
@@ -105,13 +106,10 @@ async def open_client(
     """Say hello over an open stream and yield the client; close everything on exit."""
     client = AgentClient(node, reader, writer)
     try:
-        async with asyncio.TaskGroup() as tg:
-            reading = tg.create_task(client._read_loop())
-            try:
-                client.hello = await client.call("hello", client._rpc.hello_params(client_name))
-                yield client
-            finally:
-                reading.cancel()
+        async with background_tasks() as scope:
+            scope.spawn(client._read_loop())
+            client.hello = await client.call("hello", client._rpc.hello_params(client_name))
+            yield client
     finally:
         writer.close()
         with contextlib.suppress(Exception):

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from agent.protocol.errors import LaunchError, NodeUnreachable
 from launcher.client import AgentClient
 from launcher.nodes import Node, open_node
+from launcher.scope import background_tasks
 
 T = TypeVar("T")
 
@@ -102,9 +103,9 @@ async def open_fleet_settled(nodes: Sequence[Node]) -> AsyncIterator[list[NodeCo
         finally:
             opened[rank].set()
 
-    async with asyncio.TaskGroup() as tg:
+    async with background_tasks() as scope:
         for rank, node in enumerate(nodes):
-            tg.create_task(hold(rank, node))
+            scope.spawn(hold(rank, node))
         try:
             for event in opened:
                 await event.wait()

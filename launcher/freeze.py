@@ -16,9 +16,10 @@ and hashlib release the GIL.
 Where the tree came from (commit, branch, dirty) is recorded beside the bundle as a Source,
 never inside the manifest: the bundle id depends on the files alone.
 
-Speed matters on the warm path (nothing changed since the last freeze), whose target is the
-time `git status` takes: the git processes run while this process stats the files the cache
-knows, and no file, blob or manifest is read or validated twice.
+Speed matters most when nothing changed since the last freeze; the target is the time
+`git status` takes. git lists the tree on one core while this process, on the other, stats
+the files of the last listing (kept in the cache); when git's output turns out identical to
+last time, that work is the answer. No file, blob or manifest is read or validated twice.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ import hashlib
 import os
 import stat
 import subprocess
+import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
 
 import pathspec
 
@@ -45,15 +49,17 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_FILE_SIZE = 50 * 2**20
 LAUNCHIGNORE = ".launchignore"
-BATCH_BYTES = 64 * 2**20  # blobs handed to one put_many: one sync of the store per batch
-BATCH_FILES = 4096
+BATCH_BYTES = 64 * 2**20  # blobs handed to one put_many: the store syncs once per batch
+BATCH_FILES = 8192
 READ_THREADS = 2  # the machines this runs on have two cores or more
 CHUNK_BYTES = 4 * 2**20  # one unit of work for a reading thread
 CHUNK_FILES = 256
-PARALLEL_MIN_BYTES = 8 * 2**20  # below this (or PARALLEL_MIN_FILES) threads cost more than
-PARALLEL_MIN_FILES = 512  # they save
+PARALLEL_MIN_BYTES = 8 * 2**20  # smaller jobs (in bytes and in files) are read on the
+PARALLEL_MIN_FILES = 512  # calling thread: there, threads cost more than they save
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 _GIT_MODES = {"file": "100644", "exec": "100755", "symlink": "120000"}
+_LS_FILES = ("ls-files", "-z", "-t", "-s", "--cached", "--others", "--exclude-standard")
+_path_of = attrgetter("path")
 
 
 class FreezeError(InvalidManifest):
@@ -99,38 +105,48 @@ def freeze(
 ) -> Frozen:
     """Freeze the tree at `root` into `store`: every blob, then the manifest.
 
-    `cache_path` is the stat cache to use and update (None: no cache, every file is read).
-    Raises FreezeError (an InvalidManifest) when root is not a directory, or names every file
-    that is over `max_file_size`, every symlink that leaves the tree, every file that cannot
-    be read and every name a bundle cannot hold, with what to do about it.
+    `cache_path` is the stat cache to use and update (None: no cache, every file is read); it
+    should lie outside the tree. Raises FreezeError (an InvalidManifest) when root is not a
+    directory, and otherwise names every file over `max_file_size`, every symlink that leaves
+    the tree, every file that cannot be read or every name a bundle cannot hold, with what to
+    do about it. Blobs already stored when that happens stay: the store only ever holds
+    verified objects, and the next freeze will not store them again.
     """
     root = _check_root(root)
     top = str(root)
     cache = statcache.load(cache_path, top)
-    with ThreadPoolExecutor(3, thread_name_prefix="freeze-git") as pool:
-        git = _Git(root, pool)
-        # While git lists the tree, stat what the last freeze saw: most of it is still there.
-        prestat = _lstat_many(top, cache.rows)
+    with _Git(root) as git:
         ignore = _LaunchIgnore.load(root)
-        listing = git.listing(ignore) or _walk(top, ignore)
-        scan = _Scan(top, cache, prestat, listing, max_file_size)
-        scan.run(listing.candidates)
+        guess = _Listing.from_cache(cache.listing)
+        # While git lists the tree, scan what it listed last time: usually it is the same.
+        scan = _Scan(top, cache, guess, max_file_size).run() if guess is not None else None
+        output = git.ls_files()
+        digest: bytes | None = None
+        if output is None:
+            listing = _walk(top, ignore)
+        else:
+            digest = hashlib.sha256(output + b"\0" + ignore.raw).digest()
+            same = guess is not None and cache.listing is not None and cache.listing[0] == digest
+            listing = guess if same and guess is not None else _parse_ls_files(output, ignore)
+        if scan is None or scan.listing is not listing:
+            stats = scan.stats if scan is not None else {}
+            scan = _Scan(top, cache, listing, max_file_size, stats).run()
         scan.raise_problems()
         scan.check_present(store)
         read = _read_all(top, scan.misses, store, max_file_size)
-        scan.raise_read_problems(read)
+        scan.add_read(read)
         manifest = _store_manifest(store, scan.entries + read.entries)
         source = git.source(listing, scan) if listing.git else Source()
-    rows = {**scan.rows, **read.rows}
+    rows = {**scan.hits, **read.rows}
     changed = read.files > 0 or rows.keys() != cache.rows.keys()
-    if cache_path is not None and (changed or manifest.bundle_id != cache.bundle_id):
-        statcache.save(cache_path, top, sorted(rows.items()), manifest.bundle_id)
-    excluded = tuple(sorted(listing.excluded + scan.excluded + read.excluded, key=_by_path))
+    cached_digest = cache.listing[0] if cache.listing is not None else None
+    if cache_path is not None and (
+        changed or manifest.bundle_id != cache.bundle_id or digest != cached_digest
+    ):
+        saved = (digest, listing.to_wire()) if digest is not None else None
+        statcache.save(cache_path, top, sorted(rows.items()), manifest.bundle_id, saved)
+    excluded = tuple(sorted(listing.excluded + scan.excluded, key=_path_of))
     return Frozen(root, manifest, source, excluded, read.bytes, read.files)
-
-
-def _by_path(item: Excluded) -> str:
-    return item.path
 
 
 def _check_root(root: Path) -> Path:
@@ -142,35 +158,59 @@ def _check_root(root: Path) -> Path:
     return path
 
 
-def _lstat_many(top: str, paths: Iterable[str]) -> dict[str, os.stat_result]:
-    """lstat each path that still exists; the others are left out (they will be looked at
-    again, with their error, if the listing still names them)."""
-    out: dict[str, os.stat_result] = {}
-    lstat = os.lstat
-    prefix = top + "/"
-    for path in paths:
-        try:  # noqa: SIM105 (contextlib.suppress costs more than the lstat in this loop)
-            out[path] = lstat(prefix + path)
-        except OSError:
-            pass
-    return out
-
-
 # ---------------------------------------------------------------------------- listing
 
 
 @dataclass
 class _Listing:
-    """The candidate paths of a tree, plus what git says about them (git mode only)."""
+    """The candidate paths of a tree (sorted), plus what git says about them."""
 
     candidates: list[str]
     excluded: list[Excluded] = field(default_factory=list)
     git: bool = False
     index: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (mode, sha1)
-    untracked: bool = False  # git status would list an untracked file or directory
+    untracked: bool = False  # git status would show an untracked file or directory
     unmerged: bool = False
-    unknown: bool = False  # a tracked path not examined here (launchignored, a submodule...)
+    unknown: bool = False  # a tracked path not examined here (launchignored, a submodule)
     skip_worktree: set[str] = field(default_factory=set)
+
+    def to_wire(self) -> list[Any]:
+        """A form for the stat cache, in columns (see statcache on why)."""
+        paths = list(self.index)
+        return [
+            "\0".join(self.candidates),
+            [[e.path, e.reason] for e in self.excluded],
+            "\0".join(paths),
+            "".join(self.index[p][0] for p in paths),
+            "".join(self.index[p][1] for p in paths),
+            [self.untracked, self.unmerged, self.unknown],
+            sorted(self.skip_worktree),
+        ]
+
+    @classmethod
+    def from_cache(cls, cached: tuple[bytes, Any] | None) -> _Listing | None:
+        """The listing saved in the cache, or None if there is none or it is malformed."""
+        if cached is None:
+            return None
+        try:
+            candidates, excluded, paths, modes, shas, flags, skip = cached[1]
+            names = paths.split("\0") if paths else []
+            mode_list = [modes[i : i + 6] for i in range(0, len(modes), 6)]
+            sha_list = [shas[i : i + 40] for i in range(0, len(shas), 40)]
+            index = dict(zip(names, zip(mode_list, sha_list, strict=True), strict=True))
+            untracked, unmerged, unknown = flags
+            return cls(
+                candidates.split("\0") if candidates else [],
+                [Excluded(p, r) for p, r in excluded],
+                True,
+                index,
+                bool(untracked),
+                bool(unmerged),
+                bool(unknown),
+                set(skip),
+            )
+        except (TypeError, ValueError, AttributeError):
+            return None
 
 
 class _LaunchIgnore:
@@ -178,22 +218,23 @@ class _LaunchIgnore:
     can be re-included (each directory's verdict is remembered: trees have far fewer
     directories than files)."""
 
-    def __init__(self, spec: pathspec.GitIgnoreSpec | None) -> None:
-        self._spec = spec
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        text = raw.decode("utf-8", "surrogateescape")
+        self._spec = pathspec.GitIgnoreSpec.from_lines(text.splitlines()) if raw else None
         self._dirs: dict[str, bool] = {}
 
     @classmethod
     def load(cls, root: Path) -> _LaunchIgnore:
         try:
-            text = (root / LAUNCHIGNORE).read_text(encoding="utf-8", errors="surrogateescape")
+            return cls((root / LAUNCHIGNORE).read_bytes())
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return cls(None)
+            return cls(b"")
         except OSError as exc:
             raise FreezeError(
                 f"cannot read {LAUNCHIGNORE} ({exc.strerror}): fix its permissions",
                 LAUNCHIGNORE,
             ) from None
-        return cls(pathspec.GitIgnoreSpec.from_lines(text.splitlines()))
 
     def __bool__(self) -> bool:
         return self._spec is not None
@@ -219,7 +260,8 @@ def _walk(top: str, ignore: _LaunchIgnore) -> _Listing:
 
     A `.gitignore` applies to its own directory and below; a deeper one overrides a shallower
     one, and within one file the last matching pattern wins (git's precedence). An ignored
-    directory is not entered, so nothing in it can be re-included, as in git.
+    directory is not entered, so nothing in it can be re-included, as in git. Symlinks are
+    not followed: they are entries.
     """
     candidates: list[str] = []
     excluded: list[Excluded] = []
@@ -227,7 +269,8 @@ def _walk(top: str, ignore: _LaunchIgnore) -> _Listing:
     while stack:
         prefix, specs = stack.pop()
         try:
-            entries = list(os.scandir(top + "/" + prefix if prefix else top))
+            with os.scandir(top + "/" + prefix if prefix else top) as it:
+                entries = list(it)
         except OSError as exc:
             raise FreezeError(
                 f"cannot list {prefix or '.'} ({exc.strerror}): fix its permissions or "
@@ -235,8 +278,8 @@ def _walk(top: str, ignore: _LaunchIgnore) -> _Listing:
                 prefix,
             ) from None
         gitignore = next((e for e in entries if e.name == ".gitignore"), None)
-        if gitignore is not None and gitignore.is_file():
-            specs = [*specs, (prefix, _read_gitignore(gitignore.path))]
+        if gitignore is not None and gitignore.is_file(follow_symlinks=False):
+            specs = [*specs, (prefix, _read_gitignore(gitignore.path, prefix + ".gitignore"))]
         for entry in entries:
             path = prefix + entry.name
             is_dir = entry.is_dir(follow_symlinks=False)
@@ -250,124 +293,37 @@ def _walk(top: str, ignore: _LaunchIgnore) -> _Listing:
                 stack.append((path + "/", specs))
             else:
                 candidates.append(path)
+    candidates.sort()
     return _Listing(candidates, excluded)
 
 
-def _read_gitignore(path: str) -> pathspec.GitIgnoreSpec:
+def _read_gitignore(path: str, shown: str) -> pathspec.GitIgnoreSpec:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return pathspec.GitIgnoreSpec.from_lines(f.read().splitlines())
     except OSError as exc:
         raise FreezeError(
-            f"cannot read {path} ({exc.strerror}): fix its permissions", path
+            f"cannot read {shown} ({exc.strerror}): fix its permissions", shown
         ) from None
 
 
 def _gitignored(specs: list[tuple[str, pathspec.GitIgnoreSpec]], path: str, is_dir: bool) -> bool:
     verdict: bool | None = None
     for base, spec in specs:
-        relative = path[len(base) :] + ("/" if is_dir else "")
-        include = spec.check_file(relative).include
+        include = spec.check_file(path[len(base) :] + ("/" if is_dir else "")).include
         if include is not None:
             verdict = include
     return bool(verdict)
 
 
-class _Git:
-    """The git processes of one freeze, all started at once so that they run beside the stat
-    pass on the other core: the listing (with each tracked file's mode and SHA-1, which tell a
-    clean work tree without `git status`), HEAD and its branch, and whether the index differs
-    from HEAD."""
-
-    def __init__(self, root: Path, pool: ThreadPoolExecutor) -> None:
-        self._root = root
-        # C locale: git's messages are matched below. No optional locks: never write the
-        # user's index behind their back (git status would, to refresh it).
-        self._env = {**os.environ, "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"}
-        self._pool = pool
-        self._ls = self._start(
-            "ls-files", "-z", "-t", "-s", "--cached", "--others", "--exclude-standard"
-        )
-        self._head = self._start("rev-parse", "--show-toplevel", "HEAD", "--abbrev-ref", "HEAD")
-        self._staged = self._start("diff-index", "--cached", "--quiet", "HEAD", "--", ".")
-
-    def _start(self, *args: str) -> Future[subprocess.CompletedProcess[bytes]]:
-        return self._pool.submit(self._run, *args)
-
-    def _run(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["git", *args],
-            cwd=self._root,
-            env=self._env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
-        )
-
-    def listing(self, ignore: _LaunchIgnore) -> _Listing | None:
-        """git's view of the tree, or None when root is not in a git work tree (or there is
-        no git). Any other git failure (a repository git refuses, say) is a FreezeError."""
-        try:
-            done = self._ls.result()
-        except FileNotFoundError:
-            return None
-        if done.returncode != 0:
-            message = done.stderr.decode(errors="replace").strip()
-            if "not a git repository" in message or "must be run in a work tree" in message:
-                return None
-            first = message.splitlines()[0] if message else f"exit status {done.returncode}"
-            raise FreezeError(
-                f"git cannot list {self._root}: {first.removeprefix('fatal: ')}", str(self._root)
-            )
-        listing = _parse_ls_files(os.fsdecode(done.stdout), ignore)
-        if not listing.candidates and not listing.index and _has_files(self._root):
-            raise FreezeError(
-                f"git shows no files in {self._root}: the repository around it ignores it; "
-                "freeze a directory git tracks, or un-ignore this one",
-                str(self._root),
-            )
-        return listing
-
-    def source(self, listing: _Listing, scan: _Scan) -> Source:
-        """Commit, branch and whether the tree differs from the commit (as `git status` in
-        root would say: untracked files count)."""
-        head = self._head.result()
-        lines = head.stdout.decode(errors="replace").splitlines()
-        if head.returncode == 0 and len(lines) == 3:
-            commit: str | None = lines[1]
-            branch: str | None = None if lines[2] == "HEAD" else lines[2]
-        else:  # no commit yet: there is a branch to be born, and no commit to differ from
-            commit = None
-            ref = self._run("symbolic-ref", "-q", "--short", "HEAD")
-            branch = ref.stdout.decode(errors="replace").strip() or None
-            return Source(None, branch, listing.untracked or bool(listing.index) or listing.unknown)
-        return Source(commit, branch, self._dirty(listing, scan))
-
-    def _dirty(self, listing: _Listing, scan: _Scan) -> bool:
-        if listing.untracked or listing.unmerged or scan.deleted_tracked:
-            return True
-        if self._staged.result().returncode != 0:
-            return True
-        if not (listing.unknown or scan.suspects):
-            return False
-        # Our bytes differ from the index (or were not looked at): a change, or only a clean
-        # filter, an eol rule or core.fileMode at work. git decides.
-        done = self._run("diff", "--quiet", "HEAD", "--", ".")
-        return done.returncode != 0
-
-
-def _has_files(root: Path) -> bool:
-    with os.scandir(root) as entries:
-        return any(e.name != ".git" for e in entries)
-
-
-def _parse_ls_files(text: str, ignore: _LaunchIgnore) -> _Listing:
+def _parse_ls_files(output: bytes, ignore: _LaunchIgnore) -> _Listing:
     """Parse `git ls-files -z -t -s --cached --others`: `? path` for an untracked file,
     `H mode sha stage\\tpath` for a tracked one (S: skip-worktree, M: unmerged)."""
     listing = _Listing([], git=True)
     candidates = listing.candidates
+    index = listing.index
     seen: set[str] = set()
-    for record in text.split("\0"):
+    for record in os.fsdecode(output).split("\0"):
         if not record:
             continue
         tag = record[0]
@@ -389,7 +345,7 @@ def _parse_ls_files(text: str, ignore: _LaunchIgnore) -> _Listing:
                 listing.unknown = True
                 seen.add(path)
                 continue
-            listing.index[path] = (mode, sha)
+            index[path] = (mode, sha)
             if tag == "S":
                 listing.skip_worktree.add(path)
         seen.add(path)
@@ -397,35 +353,160 @@ def _parse_ls_files(text: str, ignore: _LaunchIgnore) -> _Listing:
             listing.excluded.append(Excluded(path, ".git directory"))
         elif ignore and ignore.excludes(path):
             listing.excluded.append(Excluded(path, LAUNCHIGNORE))
-            if tag != "?":
-                listing.unknown = True
+            listing.unknown |= tag != "?"
         else:
             candidates.append(path)
+    candidates.sort()
     return listing
+
+
+class _Git:
+    """The git processes of one freeze, all started at once so that they run on the other
+    core while this process stats files: the listing (with each tracked file's mode and SHA-1,
+    which tell a clean work tree without `git status`), HEAD and its branch, and whether the
+    index differs from HEAD. The listing goes to a temporary file, not a pipe, so git never
+    waits for us to read it."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        # C locale: git's messages are matched below. No optional locks: never write the
+        # user's index behind their back (git status would, to refresh it).
+        self._env = {**os.environ, "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"}
+        self._out: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by __exit__)
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._ls: subprocess.Popen[bytes] | None
+        try:
+            self._ls = self._start(_LS_FILES, stdout=self._out, stderr=subprocess.PIPE)
+        except FileNotFoundError:  # no git here: every tree is a plain directory
+            self._ls = None
+            return
+        self._head = self._start(
+            ("rev-parse", "--show-toplevel", "HEAD", "--abbrev-ref", "HEAD"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._staged = self._start(
+            ("diff-index", "--cached", "--quiet", "HEAD", "--", "."),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _start(self, args: tuple[str, ...], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["git", *args],
+            cwd=self._root,
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+        self._procs.append(proc)
+        return proc
+
+    def __enter__(self) -> _Git:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # On an error nobody needs their answers: git only reads here, so stop it now.
+        for proc in self._procs:
+            if kind is not None and proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        self._out.close()
+
+    def ls_files(self) -> bytes | None:
+        """git's listing, or None when root is not in a git work tree (or there is no git).
+        Any other git failure (a repository git refuses to use, say) is a FreezeError."""
+        if self._ls is None:
+            return None
+        _, err = self._ls.communicate()
+        if self._ls.returncode != 0:
+            message = err.decode(errors="replace").strip()
+            if "not a git repository" in message or "must be run in a work tree" in message:
+                return None
+            first = message.splitlines()[0] if message else f"exit status {self._ls.returncode}"
+            raise FreezeError(
+                f"git cannot list {self._root}: {first.removeprefix('fatal: ')}", str(self._root)
+            )
+        self._out.seek(0)
+        output = self._out.read()
+        if not output and _has_files(self._root):
+            raise FreezeError(
+                f"git shows no files in {self._root}: the repository around it ignores it; "
+                "freeze a directory git tracks, or un-ignore this one",
+                str(self._root),
+            )
+        return output
+
+    def source(self, listing: _Listing, scan: _Scan) -> Source:
+        """Commit, branch, and whether the tree differs from the commit as `git status` in
+        root would say (untracked files count: they are in the bundle, not in the commit)."""
+        out, _ = self._head.communicate()
+        lines = out.decode(errors="replace").splitlines()
+        if self._head.returncode == 0 and len(lines) == 3:
+            branch = None if lines[2] == "HEAD" else lines[2]
+            return Source(lines[1], branch, self._dirty(listing, scan))
+        # No commit yet: a branch waits to be born, and anything at all differs from nothing.
+        ref = self._run("symbolic-ref", "-q", "--short", "HEAD")
+        branch = ref.stdout.decode(errors="replace").strip() or None
+        return Source(None, branch, listing.untracked or bool(listing.index) or listing.unknown)
+
+    def _dirty(self, listing: _Listing, scan: _Scan) -> bool:
+        if listing.untracked or listing.unmerged or scan.deleted_tracked:
+            return True
+        if self._staged.wait() != 0:
+            return True
+        if not (listing.unknown or scan.suspects):
+            return False
+        # Bytes or modes differ from the index, or some tracked paths were not looked at:
+        # a change, or only a clean filter, an eol rule or core.fileMode at work. git decides.
+        return self._run("diff", "--quiet", "HEAD", "--", ".").returncode != 0
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["git", *args], cwd=self._root, env=self._env, capture_output=True, check=False
+        )
+
+
+def _has_files(root: Path) -> bool:
+    with os.scandir(root) as entries:
+        return any(e.name != ".git" for e in entries)
 
 
 # ------------------------------------------------------------------------------- scan
 
 
 class _Scan:
-    """Stat every candidate: sort it into an entry known from the cache, a file to read, an
-    exclusion, or a problem to report. Nothing is read here but symlink targets."""
+    """Stat every candidate and sort it: an entry known from the cache (a hit), a file to
+    read (a miss), an exclusion, or a problem to report. Reads nothing but symlink targets.
+
+    `stats` holds the lstat of every path looked at, so that a scan made on a guess (the last
+    listing) lends its stats to the scan of the real listing when the two differ.
+    """
 
     def __init__(
         self,
         top: str,
         cache: statcache.StatCache,
-        prestat: dict[str, os.stat_result],
         listing: _Listing,
         max_file_size: int,
+        stats: dict[str, os.stat_result] | None = None,
     ) -> None:
         self.top = top
         self.cache = cache
-        self.prestat = prestat
         self.listing = listing
         self.max_file_size = max_file_size
+        self.stats: dict[str, os.stat_result] = {} if stats is None else stats
         self.entries: list[Entry] = []
-        self.rows: dict[str, statcache.Row] = {}
+        self.hits: dict[str, statcache.Row] = {}
         self.misses: list[tuple[str, Kind, int]] = []  # path, kind, size when stat-ed
         self.excluded: list[Excluded] = []
         self.oversize: list[tuple[str, int]] = []
@@ -435,70 +516,67 @@ class _Scan:
         self.suspects: list[str] = []  # tracked paths whose bytes or mode differ from the index
         self.deleted_tracked = False
 
-    def run(self, candidates: list[str]) -> None:
-        lookup = self.cache.lookup
+    def run(self) -> _Scan:
+        # The loop runs once per file on the path where every millisecond counts: names are
+        # bound locally and the cache test is inlined (statcache.StatCache.lookup says why).
+        rows = self.cache.rows
+        racy_before = self.cache.racy_before_ns
         index = self.listing.index
-        prestat = self.prestat
+        stats = self.stats
+        lstat = os.lstat
         prefix = self.top + "/"
         max_size = self.max_file_size
-        for path in candidates:
-            try:
-                check_path(path)
-            except InvalidManifest as exc:
-                self.bad_names.append((path, exc.message))
-                continue
-            st = prestat.get(path)
+        entry_of = Entry
+        entries = self.entries
+        hits = self.hits
+        misses = self.misses
+        modes = _GIT_MODES
+        for path in self.listing.candidates:
+            row = rows.get(path)
+            if row is None:  # a path in the cache passed this check when it was frozen
+                try:
+                    check_path(path)
+                except InvalidManifest as exc:
+                    self.bad_names.append((path, exc.message))
+                    continue
+            st = stats.get(path)
             if st is None:
                 try:
-                    st = os.lstat(prefix + path)
+                    st = lstat(prefix + path)
                 except FileNotFoundError:
                     self._vanished(path)
                     continue
                 except OSError as exc:
                     self.unreadable.append((path, exc.strerror or str(exc)))
                     continue
+                stats[path] = st
             mode = st.st_mode
-            if stat.S_ISREG(mode):
-                kind: Kind = "exec" if mode & stat.S_IXUSR else "file"
-                if st.st_size > max_size:
-                    self.oversize.append((path, st.st_size))
-                    continue
-                row = lookup(path, statcache.stat_key(st), kind)
-                if row is None:
-                    self.misses.append((path, kind, st.st_size))
-                    continue
-                self.entries.append(Entry(path, kind, st.st_size, row[2]))
-                self.rows[path] = row
-                git = index.get(path)
-                if git is not None and (git[1] != row[3] or git[0] != _GIT_MODES[kind]):
-                    self.suspects.append(path)
-            elif stat.S_ISLNK(mode):
-                self._symlink(path, st)
+            if mode & 0o170000 == 0o100000:  # S_ISREG
+                size = st.st_size
+                kind: Kind = "exec" if mode & 0o100 else "file"  # S_IXUSR
+                if size > max_size:
+                    self.oversize.append((path, size))
+                elif (
+                    row is not None
+                    and row[1] == kind
+                    and row[0] == (size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+                    and st.st_mtime_ns < racy_before
+                ):
+                    entries.append(entry_of(path, kind, size, row[2]))
+                    hits[path] = row
+                    git = index.get(path)
+                    if git is not None and (git[1] != row[3] or git[0] != modes[kind]):
+                        self.suspects.append(path)
+                else:
+                    misses.append((path, kind, size))
+            elif mode & 0o170000 == 0o120000:  # S_ISLNK
+                self._symlink(path)
             else:
                 self.excluded.append(Excluded(path, f"not a regular file ({_type_name(mode)})"))
                 if path in index:
                     self.suspects.append(path)
         self._drop_beyond_symlinks()
-
-    def _drop_beyond_symlinks(self) -> None:
-        """git lists a tracked `d/x` even after `d` became a symlink; lstat would follow `d`.
-        Such paths are not in the tree any more (git status calls them deleted)."""
-        links = {e.path for e in self.entries if e.kind == "symlink"}
-        if not links:
-            return
-
-        def beyond(path: str) -> bool:
-            parts = path.split("/")
-            return any("/".join(parts[:n]) in links for n in range(1, len(parts)))
-
-        for path in [e.path for e in self.entries if beyond(e.path)] + [
-            m[0] for m in self.misses if beyond(m[0])
-        ]:
-            self.excluded.append(Excluded(path, "beyond a symlink"))
-            self.deleted_tracked |= path in self.listing.index
-            self.rows.pop(path, None)
-        self.entries = [e for e in self.entries if not beyond(e.path)]
-        self.misses = [m for m in self.misses if not beyond(m[0])]
+        return self
 
     def _vanished(self, path: str) -> None:
         if path in self.listing.skip_worktree:
@@ -509,7 +587,7 @@ class _Scan:
         else:
             self.excluded.append(Excluded(path, "vanished while freezing"))
 
-    def _symlink(self, path: str, st: os.stat_result) -> None:
+    def _symlink(self, path: str) -> None:
         try:
             target = os.readlink(self.top + "/" + path)
         except OSError as exc:
@@ -520,16 +598,35 @@ class _Scan:
         except InvalidManifest:
             self.escaping.append((path, target))
             return
-        entry = Entry.symlink(path, target)
-        self.entries.append(entry)
+        self.entries.append(Entry.symlink(path, target))
         data = target.encode()
         git_blob = hashlib.sha1(b"blob %d\0%s" % (len(data), data)).hexdigest()
         git = self.listing.index.get(path)
         if git is not None and git != ("120000", git_blob):
             self.suspects.append(path)
 
+    def _drop_beyond_symlinks(self) -> None:
+        """git still lists a tracked `d/x` after `d` became a symlink, and lstat would follow
+        `d`. Such paths are not in the tree any more (git status calls them deleted)."""
+        links = {e.path for e in self.entries if e.kind == "symlink"}
+        if not links:
+            return
+
+        def beyond(path: str) -> bool:
+            parts = path.split("/")
+            return any("/".join(parts[:n]) in links for n in range(1, len(parts)))
+
+        gone = [e.path for e in self.entries if beyond(e.path)]
+        gone += [m[0] for m in self.misses if beyond(m[0])]
+        for path in gone:
+            self.excluded.append(Excluded(path, "beyond a symlink"))
+            self.deleted_tracked |= path in self.listing.index
+            self.hits.pop(path, None)
+        self.entries = [e for e in self.entries if not beyond(e.path)]
+        self.misses = [m for m in self.misses if not beyond(m[0])]
+
     def raise_problems(self) -> None:
-        """Refuse the tree, before reading anything, if a name, a symlink or a size is wrong."""
+        """Refuse the tree before reading anything if a name, a symlink or a size is wrong."""
         if self.bad_names:
             shown = ", ".join(f"{p!r} ({why})" for p, why in self.bad_names)
             raise FreezeError(
@@ -538,11 +635,13 @@ class _Scan:
                 self.bad_names[0][0],
             )
         if self.escaping:
+            one = len(self.escaping) == 1
             shown = ", ".join(f"{p} -> {t}" for p, t in self.escaping)
-            what = "symlink leaves" if len(self.escaping) == 1 else "symlinks leave"
             raise FreezeError(
-                f"{what} the tree: {shown}: point {'it' if len(self.escaping) == 1 else 'them'}"
-                f" inside the tree, replace with a copy, or exclude in {LAUNCHIGNORE}",
+                f"{'symlink leaves' if one else 'symlinks leave'} the tree: {shown}: point "
+                f"{'it' if one else 'them'} inside the tree, replace {'it' if one else 'them'} "
+                f"with a copy of the target, or exclude {'it' if one else 'them'} in "
+                f"{LAUNCHIGNORE}",
                 self.escaping[0][0],
             )
         if self.oversize:
@@ -554,22 +653,27 @@ class _Scan:
         """A cached blob counts only if the store has it. The bundle the cache was saved with
         proves all of its blobs present at once (the store writes blobs before manifests);
         without it, ask the store about each, and read again any file whose blob is gone."""
-        if not self.rows or (self.cache.bundle_id and store.has(self.cache.bundle_id)):
+        if not self.hits or (self.cache.bundle_id and store.has(self.cache.bundle_id)):
             return
-        missing = set(store.missing({row[2] for row in self.rows.values()}))
+        missing = set(store.missing({row[2] for row in self.hits.values()}))
         if not missing:
             return
         kept: list[Entry] = []
         for entry in self.entries:
             if entry.kind != "symlink" and entry.blob in missing:
-                del self.rows[entry.path]
+                del self.hits[entry.path]
                 self.misses.append((entry.path, entry.kind, entry.size))
             else:
                 kept.append(entry)
         self.entries = kept
 
-    def raise_read_problems(self, read: _Read) -> None:
-        self.suspects.extend(read.suspects(self.listing.index))
+    def add_read(self, read: _Read) -> None:
+        """Take in what reading the misses found; raise if a file could not be frozen."""
+        self.excluded += read.excluded
+        for path, (_, kind, _, git_blob) in read.rows.items():
+            git = self.listing.index.get(path)
+            if git is not None and git != (_GIT_MODES[kind], git_blob):
+                self.suspects.append(path)
         if read.oversize:
             raise _oversize_error(read.oversize, self.max_file_size)
         if read.unreadable:
@@ -614,11 +718,8 @@ def _human(size: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= scale:
             value = size / scale
-            return (
-                f"{value:.0f} {unit}"
-                if value >= 100 or size % scale == 0
-                else f"{value:.1f} {unit}"
-            )
+            exact = value >= 100 or size % scale == 0
+            return f"{value:.0f} {unit}" if exact else f"{value:.1f} {unit}"
     return f"{size} B"
 
 
@@ -627,7 +728,7 @@ def _human(size: int) -> str:
 
 @dataclass
 class _Read:
-    """What reading the cache misses gave: entries, cache rows, and what went wrong."""
+    """What reading the misses gave: entries, cache rows, and what went wrong."""
 
     entries: list[Entry] = field(default_factory=list)
     rows: dict[str, statcache.Row] = field(default_factory=dict)
@@ -637,28 +738,21 @@ class _Read:
     bytes: int = 0
     files: int = 0
 
-    def suspects(self, index: dict[str, tuple[str, str]]) -> Iterator[str]:
-        """Tracked paths whose bytes or mode, as read, differ from git's index."""
-        for path, (_, kind, _, git_blob) in self.rows.items():
-            git = index.get(path)
-            if git is not None and git != (_GIT_MODES[kind], git_blob):
-                yield path
-
 
 # One file's outcome, from a reading thread: (path, kind, stat, bytes, blob, git blob) when it
 # was read, else (path, problem, detail, None, "", "") with problem one of "oversize",
-# "unreadable", "vanished" (detail: the size or the reason).
+# "unreadable", "vanished" (detail: the size, or the reason).
 _Outcome = tuple[str, str, statcache.Stat | str | int, bytes | None, str, str]
 
 
 def _read_all(
     top: str, misses: list[tuple[str, Kind, int]], store: Store, max_file_size: int
 ) -> _Read:
-    """Read every miss once, hash those bytes, and hand them to the store in batches.
+    """Read every miss once, hash those bytes, and hand the same bytes to the store.
 
     Big jobs use READ_THREADS threads, each reading and hashing a chunk of files, with a
     bounded number of chunks in flight so memory stays near one batch; the calling thread
-    stores the batches meanwhile.
+    stores each batch meanwhile (the store's writes release the GIL too).
     """
     read = _Read()
     if not misses:
@@ -741,7 +835,7 @@ def _read_chunk(top: str, chunk: list[str], max_file_size: int) -> list[_Outcome
 
 
 def _read_one(top: str, path: str, max_file_size: int) -> _Outcome:
-    """Open without following symlinks, stat the open file, read it to the end, hash.
+    """Open without following symlinks, stat the open file, read it, hash what was read.
 
     The stat kept for the cache is the one taken before reading: if the file changes while it
     is read, its stat will differ next time and it is read again.
@@ -750,7 +844,7 @@ def _read_one(top: str, path: str, max_file_size: int) -> _Outcome:
         fd = os.open(top + "/" + path, _OPEN_FLAGS)
     except FileNotFoundError:
         return (path, "vanished", "", None, "", "")
-    except OSError as exc:
+    except OSError as exc:  # ELOOP: it became a symlink since the scan
         return (path, "unreadable", _why(exc), None, "", "")
     try:
         st = os.fstat(fd)
@@ -808,7 +902,7 @@ def _store_manifest(store: Store, entries: list[Entry]) -> Manifest:
     and the tree's shape (duplicates, case clashes), and a manifest already in the store was
     validated when it was put. Validating here as well would double the cost of a warm freeze.
     """
-    entries.sort(key=_entry_path)
+    entries.sort(key=_path_of)  # two sorted runs (hits, then reads): merged in linear time
     manifest = Manifest(tuple(entries))
     if not store.has(manifest.bundle_id):
         try:
@@ -818,7 +912,3 @@ def _store_manifest(store: Store, entries: list[Entry]) -> Manifest:
                 f"{exc.message}: rename one or exclude it in {LAUNCHIGNORE}", exc.path
             ) from None
     return manifest
-
-
-def _entry_path(entry: Entry) -> str:
-    return entry.path

@@ -84,6 +84,7 @@ class SubmitOptions:
     env: dict[str, str] = field(default_factory=dict)
     message: str = ""
     max_file_size: int | None = None
+    login: bool = True
 
 
 @dataclass
@@ -153,6 +154,7 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
             "author": author(),
             "message": opts.message,
             "source": frozen.source.to_wire(),
+            "login": opts.login,
         }
         try:
             prepared = await on_each(

@@ -72,6 +72,8 @@ class Prepare:
     author: str = ""
     message: str = ""
     source: list[Any] = field(default_factory=lambda: [None, None, None])
+    # False: run the command without the owner's shell profile (a clean, faster start).
+    login: bool = True
 
 
 @dataclass(frozen=True)
