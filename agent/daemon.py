@@ -154,7 +154,6 @@ def serve(user: bool, sock: Path | None, state: Path | None, verbose: bool) -> N
         format="launch-agent: %(message)s",
         stream=sys.stderr,
     )
-    log.setLevel(logging.INFO)
     config = resolve_config(user, sock, state)
     try:
         asyncio.run(run_agent(config))

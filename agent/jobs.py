@@ -205,8 +205,13 @@ class JobManager:
         head = self.revlog.head(job.id)
         variables = self._job_variables(job, paths, head)
         overlay = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(variables.items()))
-        paths.env_overlay.write_text(overlay)
-        os.chmod(paths.env_overlay, 0o644)
+        # The overlay may hold secrets passed with --env: only the job's owner reads it.
+        paths.env_overlay.unlink(missing_ok=True)
+        fd = os.open(paths.env_overlay, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            if self.is_root:
+                os.fchown(fd, owner.uid, owner.gid)
+            f.write(overlay)
         base_env = {
             "HOME": owner.home,
             "USER": owner.name,

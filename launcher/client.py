@@ -20,6 +20,15 @@ from agent.protocol.rpc import CLOSED, NEED_DATA, Connection, Notification, Resp
 from launcher.scope import background_tasks
 
 READ_SIZE = 256 * 1024
+DEFAULT_TIMEOUT = 60.0
+# Methods that may rightly take long (None: as long as the job runs).
+TIMEOUTS: dict[str, float | None] = {
+    "logs": None,
+    "cancel": None,
+    "prepare": 900.0,
+    "put_blobs": 900.0,
+    "put_manifest": 300.0,
+}
 Listener = Callable[[Any], None]
 
 
@@ -36,8 +45,16 @@ class AgentClient:
         self._broken: LaunchError | None = None
         self.hello: dict[str, Any] = {}
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and wait for its result; raises what the agent raised."""
+    async def call(
+        self, method: str, params: dict[str, Any] | None = None, timeout: float | None = -1.0
+    ) -> Any:
+        """Send one request and wait for its result; raises what the agent raised.
+
+        A node that does not answer within `timeout` seconds (default: by method) is
+        NodeUnreachable, so one hung node never hangs a command.
+        """
+        if timeout is not None and timeout < 0:
+            timeout = TIMEOUTS.get(method, DEFAULT_TIMEOUT)
         if self._broken is not None:
             raise self._broken
         rid, data = self._rpc.send_request(method, params or {})
@@ -49,7 +66,13 @@ class AgentClient:
         except (ConnectionError, OSError) as exc:
             self._waiting.pop(rid, None)
             raise self._break(f"{method}: {exc}") from None
-        return await future
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._waiting.pop(rid, None)
+            raise NodeUnreachable(
+                self.node, f"no answer to {method} within {timeout:.0f} s"
+            ) from None
 
     @contextlib.contextmanager
     def listen(self, method: str, key: str, listener: Listener) -> Any:

@@ -123,8 +123,9 @@ def author() -> str:
 
 async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submitted:
     progress = progress or Progress()
-    await asyncio.to_thread(ensure_local_agents, opts.nodes)
+    # Freeze first: a bad source tree must not bring up local agents as a side effect.
     frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size)
+    await asyncio.to_thread(ensure_local_agents, opts.nodes)
     progress.on_frozen(frozen)
     job = new_job_id()
     manifest: Manifest = frozen.manifest

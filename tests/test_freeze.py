@@ -1,0 +1,523 @@
+"""Freezing real trees into a real store: which files (git's view, or the .gitignore walk, then
+.launchignore), what a bundle id depends on (the files alone), the stat cache, the refusals,
+and the Source recorded beside the bundle. Real temp dirs and real `git`; no mocks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.protocol.errors import InvalidManifest
+from agent.protocol.objects import blob_id, diff
+from agent.store import Store
+from launcher import statcache
+from launcher.freeze import FreezeError, Frozen, freeze
+
+HOUR_AGO = time.time() - 3600
+
+
+@pytest.fixture(autouse=True)
+def quiet_git(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """git as on a fresh machine: no user or system config (no global excludes file, no
+    fsmonitor) and a fixed identity, so these tests mean the same everywhere."""
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for role in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{role}_NAME", "Test")
+        monkeypatch.setenv(f"GIT_{role}_EMAIL", "test@example.com")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+def write(root: Path, files: dict[str, bytes | str], mode: int | None = None) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        if mode is not None:
+            path.chmod(mode)
+
+
+def age(root: Path) -> None:
+    """Set every mtime an hour back, as for files not edited just now: a fresh mtime keeps a
+    file out of the stat cache (the racy-git rule), which is tested on its own."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            os.utime(Path(dirpath, name), (HOUR_AGO, HOUR_AGO), follow_symlinks=False)
+
+
+def git(root: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+def git_repo(root: Path, files: dict[str, bytes | str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    git(root, "init", "-q", "-b", "main")
+    write(root, files)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def paths(frozen: Frozen) -> set[str]:
+    return {e.path for e in frozen.manifest.entries}
+
+
+def reasons(frozen: Frozen) -> dict[str, str]:
+    return {e.path: e.reason for e in frozen.excluded}
+
+
+# ------------------------------------------------------------------------- bundle ids
+
+FILES: dict[str, bytes | str] = {
+    "train.py": "print('train')\n",
+    "pkg/__init__.py": "",
+    "pkg/model.py": "class Model: ...\n",
+    "data/config.yaml": "lr: 0.1\n",
+}
+
+
+def test_same_tree_same_bundle_whatever_mtime_umask_or_order(tmp_path: Path, store: Store) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    old = os.umask(0o077)
+    try:
+        write(a, FILES)
+    finally:
+        os.umask(old)
+    os.umask(0o002)
+    try:
+        write(b, dict(reversed(FILES.items())))
+    finally:
+        os.umask(old)
+    age(a)
+    os.utime(b / "train.py", (1_000_000, 1_000_000))
+    first, second = freeze(a, store), freeze(b, store)
+    assert first.bundle_id == second.bundle_id
+    assert paths(first) == set(FILES)
+    assert first.source.commit is None and first.source.dirty is None  # not a git tree
+
+
+def test_every_blob_stored_with_the_bytes_that_were_hashed(tmp_path: Path, store: Store) -> None:
+    write(tmp_path / "t", FILES)
+    frozen = freeze(tmp_path / "t", store)
+    for entry in frozen.manifest.entries:
+        data = (tmp_path / "t" / entry.path).read_bytes()
+        assert entry.blob == blob_id(data) and entry.size == len(data)
+        assert store.get(entry.blob) == data
+    assert store.get_manifest(frozen.bundle_id) == frozen.manifest
+    assert frozen.bytes_read == sum(len(str(v)) for v in FILES.values())
+
+
+def test_one_byte_changes_one_blob_and_the_bundle(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, FILES)
+    before = freeze(root, store)
+    write(root, {"pkg/model.py": "class Modem: ...\n"})
+    after = freeze(root, store)
+    changes = diff(before.manifest, after.manifest)
+    assert [c.path for c in changes] == ["pkg/model.py"]
+    assert changes[0].old and changes[0].new and changes[0].old.blob != changes[0].new.blob
+    assert before.bundle_id != after.bundle_id
+
+
+def test_exec_bit_is_the_users_x_bit(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"run.sh": "#!/bin/sh\n"}, mode=0o755)
+    write(root, {"own.sh": "x\n"}, mode=0o700)
+    write(root, {"group-only.sh": "y\n"}, mode=0o654)
+    write(root, {"plain.txt": "z\n"}, mode=0o644)
+    kinds = {e.path: e.kind for e in freeze(root, store).manifest.entries}
+    assert kinds == {"run.sh": "exec", "own.sh": "exec", "group-only.sh": "file", "plain.txt": "file"}
+
+
+def test_a_mode_change_alone_changes_the_bundle(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"run.sh": "#!/bin/sh\n"}, mode=0o644)
+    before = freeze(root, store, cache_path=tmp_path / "cache")
+    (root / "run.sh").chmod(0o755)
+    after = freeze(root, store, cache_path=tmp_path / "cache")
+    assert before.bundle_id != after.bundle_id
+    assert [e.kind for e in after.manifest.entries] == ["exec"]
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+def test_symlinks_inside_the_tree_are_kept_as_symlinks(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, FILES)
+    (root / "latest.yaml").symlink_to("data/config.yaml")
+    (root / "pkg" / "up").symlink_to("../data")
+    entries = freeze(root, store).manifest.by_path()
+    assert entries["latest.yaml"].kind == "symlink"
+    assert entries["latest.yaml"].target == "data/config.yaml"
+    assert entries["pkg/up"].target == "../data"
+    assert not any(p.startswith("pkg/up/") for p in entries)  # not followed
+
+
+def test_symlinks_leaving_the_tree_are_refused_by_name(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, FILES)
+    (root / "passwd").symlink_to("/etc/passwd")
+    (root / "pkg" / "out").symlink_to("../../elsewhere")
+    with pytest.raises(InvalidManifest) as info:
+        freeze(root, store)
+    message = str(info.value)
+    assert "passwd -> /etc/passwd" in message and "pkg/out -> ../../elsewhere" in message
+    assert "\n" not in message and ".launchignore" in message
+    assert isinstance(info.value, FreezeError) and info.value.path == "passwd"
+
+
+# ------------------------------------------------------------------------ which files
+
+
+def test_git_view_is_what_git_lists_minus_deleted_and_launchignored(
+    tmp_path: Path, store: Store
+) -> None:
+    root = git_repo(
+        tmp_path / "repo",
+        {
+            ".gitignore": "*.log\nbuild/\n",
+            "train.py": "a\n",
+            "gone.py": "b\n",
+            "pkg/model.py": "c\n",
+            "data/big.bin": "d\n",
+        },
+    )
+    write(root, {"new.py": "e\n", "run.log": "f\n", "build/out.o": "g\n", "notes/todo.md": "h\n"})
+    write(root, {".launchignore": "data/\ntodo.md\n"})
+    (root / "gone.py").unlink()
+    frozen = freeze(root, store)
+
+    listed = set(git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0"))
+    listed.discard("")
+    expected = {".gitignore", ".launchignore", "train.py", "pkg/model.py", "new.py"}
+    assert paths(frozen) == expected
+    assert paths(frozen) == listed - {"gone.py"} - {"data/big.bin", "notes/todo.md"}
+    assert not any(p == ".git" or p.startswith(".git/") for p in paths(frozen))
+    assert reasons(frozen) == {
+        "gone.py": "git: deleted",
+        "data/big.bin": ".launchignore",
+        "notes/todo.md": ".launchignore",
+    }
+
+
+def test_git_view_of_a_subdirectory(tmp_path: Path, store: Store) -> None:
+    root = git_repo(tmp_path / "repo", {"top.py": "1", "exp/train.py": "2", "exp/lib/x.py": "3"})
+    frozen = freeze(root / "exp", store)
+    assert paths(frozen) == {"train.py", "lib/x.py"}
+    assert frozen.source.commit == git(root, "rev-parse", "HEAD").strip()
+
+
+def test_nested_repository_is_not_shipped(tmp_path: Path, store: Store) -> None:
+    root = git_repo(tmp_path / "repo", {"a.py": "1"})
+    git_repo(root / "vendor", {"lib.py": "2"})
+    frozen = freeze(root, store)
+    assert paths(frozen) == {"a.py"}
+    assert reasons(frozen) == {"vendor": "git: nested repository"}
+
+
+def test_walk_agrees_with_git_on_nested_gitignores(tmp_path: Path, store: Store) -> None:
+    files: dict[str, bytes | str] = {
+        ".gitignore": "*.log\n/top-only.txt\ncache/\n",
+        "a.log": "",
+        "top-only.txt": "",
+        "keep.py": "",
+        "cache/x": "",
+        "sub/.gitignore": "!keep.log\n*.tmp\ntop-only.txt\n",
+        "sub/keep.log": "",
+        "sub/other.log": "",
+        "sub/b.tmp": "",
+        "sub/top-only.txt": "",
+        "sub/deep/c.tmp": "",
+        "sub/deep/d.py": "",
+        "sub/cache/y": "",
+        "a.tmp": "",
+        "secret.txt": "",
+        ".launchignore": "secret.txt\n",
+    }
+    plain = tmp_path / "plain"
+    write(plain, files)
+    (plain / ".git").mkdir()  # not a repository, but never shipped either
+    (plain / ".git" / "config").write_text("x")
+    os.mkfifo(plain / "pipe")
+    frozen = freeze(plain, store)
+
+    repo = tmp_path / "repo"
+    write(repo, files)
+    git(repo, "init", "-q")
+    by_git = set(git(repo, "ls-files", "-z", "--others", "--exclude-standard").split("\0")) - {""}
+    assert paths(frozen) == by_git - {"secret.txt"}
+    assert "sub/keep.log" in paths(frozen) and "a.tmp" in paths(frozen)
+    found = reasons(frozen)
+    assert found[".git"] == ".git directory"
+    assert found["secret.txt"] == ".launchignore"
+    assert found["cache"] == ".gitignore" and found["sub/b.tmp"] == ".gitignore"
+    assert found["pipe"] == "not a regular file (fifo)"
+
+
+def test_launchignore_directory_patterns_prune_in_the_walk(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"a.py": "", "data/x.bin": "", "data/sub/y.bin": "", "!data/keep": ""})
+    write(root, {".launchignore": "data/\n!data/sub/y.bin\n"})
+    assert paths(freeze(root, store)) == {"a.py", "!data/keep", ".launchignore"}
+
+
+def test_sockets_and_fifos_are_excluded_with_a_reason(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"a.py": ""})
+    os.mkfifo(root / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(root / "sock"))
+        frozen = freeze(root, store)
+    finally:
+        sock.close()
+    assert paths(frozen) == {"a.py"}
+    assert reasons(frozen) == {
+        "fifo": "not a regular file (fifo)",
+        "sock": "not a regular file (socket)",
+    }
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_oversize_files_are_refused_all_named_in_one_line(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"small.txt": "0123456789", "big.bin": "x" * 11, "data/huge.bin": "y" * 2048})
+    with pytest.raises(InvalidManifest) as info:
+        freeze(root, store, max_file_size=10)
+    message = str(info.value)
+    assert message == (
+        "2 files are over the 10 B limit: big.bin (11 B), data/huge.bin (2 KiB): "
+        "exclude them in .launchignore or raise --max-file-size"
+    )
+    assert info.value.path == "big.bin"
+    assert not list((store.root / "objects").iterdir())  # refused before anything was stored
+    write(root, {".launchignore": "*.bin\n"})
+    assert paths(freeze(root, store, max_file_size=10)) == {"small.txt", ".launchignore"}
+
+
+def test_one_oversize_file_message(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"data/big.bin": b"\0" * (3 * 2**20 + 2**19)})
+    with pytest.raises(InvalidManifest) as info:
+        freeze(root, store, max_file_size=2**20)
+    assert str(info.value) == (
+        "data/big.bin is 3.5 MiB, over the 1 MiB limit: exclude it in .launchignore "
+        "or raise --max-file-size"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+def test_unreadable_file_is_refused_by_name(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"a.py": "", "secret.key": "k"})
+    (root / "secret.key").chmod(0)
+    with pytest.raises(InvalidManifest) as info:
+        freeze(root, store)
+    assert "secret.key (Permission denied)" in str(info.value)
+    assert ".launchignore" in str(info.value)
+
+
+def test_not_a_directory_is_refused(tmp_path: Path, store: Store) -> None:
+    write(tmp_path, {"file.txt": "x"})
+    with pytest.raises(InvalidManifest, match="is not a directory"):
+        freeze(tmp_path / "file.txt", store)
+    with pytest.raises(InvalidManifest, match="does not exist"):
+        freeze(tmp_path / "nowhere", store)
+
+
+def test_names_a_bundle_cannot_hold_are_refused(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"ok.py": "", "back\\slash.py": ""})
+    with pytest.raises(InvalidManifest, match=r"back\\\\slash.py"):
+        freeze(root, store)
+
+
+def test_case_clash_is_refused_with_what_to_do(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"README": "a", "readme": "b"})
+    with pytest.raises(InvalidManifest, match="differ only in case.*exclude it in .launchignore"):
+        freeze(root, store)
+
+
+# ------------------------------------------------------------------------- stat cache
+
+
+@pytest.fixture(params=["walk", "git"])
+def tree(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    files = {f"pkg/m{i}.py": f"# module {i}\n" for i in range(40)} | FILES
+    root = tmp_path / "t"
+    if request.param == "git":
+        git_repo(root, files)
+    else:
+        write(root, files)
+    age(root)
+    yield root
+
+
+def test_warm_refreeze_reads_nothing(tree: Path, tmp_path: Path, store: Store) -> None:
+    cache = tmp_path / "cache" / "stat"
+    cold = freeze(tree, store, cache_path=cache)
+    assert cold.files_read == len(cold.manifest) and cold.bytes_read > 0
+    warm = freeze(tree, store, cache_path=cache)
+    assert (warm.bytes_read, warm.files_read) == (0, 0)
+    assert warm.bundle_id == cold.bundle_id and warm.manifest == cold.manifest
+    assert warm.source == cold.source and warm.excluded == cold.excluded
+
+
+def test_a_changed_file_is_the_only_one_read_again(tree: Path, tmp_path: Path, store: Store) -> None:
+    cache = tmp_path / "stat"
+    first = freeze(tree, store, cache_path=cache)
+    write(tree, {"pkg/m7.py": "# changed\n"})
+    os.utime(tree / "pkg/m7.py", (HOUR_AGO, HOUR_AGO))
+    second = freeze(tree, store, cache_path=cache)
+    assert (second.files_read, second.bytes_read) == (1, len("# changed\n"))
+    assert [c.path for c in diff(first.manifest, second.manifest)] == ["pkg/m7.py"]
+    os.utime(tree / "train.py")  # touched, same bytes: read again, same bundle
+    os.utime(tree / "train.py", (HOUR_AGO, HOUR_AGO + 1))
+    third = freeze(tree, store, cache_path=cache)
+    assert third.files_read == 1 and third.bundle_id == second.bundle_id
+
+
+def test_added_and_removed_files_with_a_warm_cache(tree: Path, tmp_path: Path, store: Store) -> None:
+    cache = tmp_path / "stat"
+    freeze(tree, store, cache_path=cache)
+    write(tree, {"extra/new.py": "new\n"})
+    os.utime(tree / "extra/new.py", (HOUR_AGO, HOUR_AGO))
+    (tree / "pkg/m3.py").unlink()
+    frozen = freeze(tree, store, cache_path=cache)
+    assert frozen.files_read == 1
+    assert "extra/new.py" in paths(frozen) and "pkg/m3.py" not in paths(frozen)
+    assert frozen.bundle_id == freeze(tree, store).bundle_id  # same as without a cache
+
+
+def test_a_file_changed_just_now_is_not_trusted(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, {"a.py": "1", "b.py": "2"})
+    age(root)
+    write(root, {"b.py": "3"})  # mtime: now, racy against the cache written next
+    cache = tmp_path / "stat"
+    freeze(root, store, cache_path=cache)
+    again = freeze(root, store, cache_path=cache)
+    assert again.files_read == 1  # b.py: its mtime is too close to the cache's write
+    later = statcache.load(cache, str(root))
+    assert later.rows["b.py"][0][1] >= later.racy_before_ns
+
+
+def test_cached_blob_missing_from_the_store_is_read_again(tree: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "stat"
+    first = freeze(tree, Store(tmp_path / "one"), cache_path=cache)
+    other = Store(tmp_path / "two")
+    second = freeze(tree, other, cache_path=cache)
+    assert second.files_read == len(second.manifest) and second.bundle_id == first.bundle_id
+    assert not other.missing(second.manifest.blobs()) and other.has(second.bundle_id)
+
+
+def test_a_corrupt_or_foreign_cache_is_only_a_cold_cache(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, FILES)
+    age(root)
+    cache = tmp_path / "stat"
+    cache.write_bytes(b"\x93garbage")
+    assert freeze(root, store, cache_path=cache).files_read == len(FILES)
+    other = tmp_path / "other"
+    write(other, FILES)
+    age(other)
+    assert freeze(other, store, cache_path=cache).files_read == len(FILES)  # another root
+    assert freeze(other, store, cache_path=cache).files_read == 0
+
+
+# ---------------------------------------------------------------------------- source
+
+
+def test_git_source_is_recorded_beside_the_bundle(tmp_path: Path, store: Store) -> None:
+    root = git_repo(tmp_path / "repo", FILES)
+    head = git(root, "rev-parse", "HEAD").strip()
+    clean = freeze(root, store, cache_path=tmp_path / "stat")
+    assert (clean.source.commit, clean.source.branch, clean.source.dirty) == (head, "main", False)
+
+    git(root, "commit", "-q", "--allow-empty", "-m", "same files")
+    git(root, "checkout", "-q", "-b", "other")
+    moved = freeze(root, store, cache_path=tmp_path / "stat")
+    assert moved.source.commit != head and moved.source.branch == "other"
+    assert moved.bundle_id == clean.bundle_id  # the bundle id depends on the files alone
+
+    git(root, "checkout", "-q", "--detach")
+    assert freeze(root, store).source.branch is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["modify", "untracked", "staged", "delete", "chmod", "launchignored-modified"],
+)
+def test_dirty_whatever_the_change(tmp_path: Path, store: Store, change: str) -> None:
+    ignored = {".launchignore": "data/\n"} if change == "launchignored-modified" else {}
+    root = git_repo(tmp_path / "repo", {**FILES, **ignored})
+    age(root)
+    cache = tmp_path / "stat"
+    assert freeze(root, store, cache_path=cache).source.dirty is False
+    if change == "modify":
+        write(root, {"train.py": "print('changed')\n"})
+    elif change == "untracked":
+        write(root, {"scratch.py": ""})
+    elif change == "staged":  # the work tree matches the index: only HEAD differs
+        write(root, {"train.py": "staged\n"})
+        git(root, "add", "train.py")
+    elif change == "delete":
+        (root / "pkg/model.py").unlink()
+    elif change == "chmod":
+        (root / "train.py").chmod(0o755)
+    else:
+        write(root, {"data/config.yaml": "lr: 1\n"})
+    assert freeze(root, store, cache_path=cache).source.dirty is True
+    assert freeze(root, store).source.dirty is True
+
+
+def test_touched_but_unchanged_is_clean(tmp_path: Path, store: Store) -> None:
+    root = git_repo(tmp_path / "repo", FILES)
+    age(root)  # every stat differs from git's index now, and no byte does
+    assert freeze(root, store).source.dirty is False
+
+
+def test_repository_without_commits(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "trunk")
+    empty = freeze(root, store)
+    assert (empty.source.commit, empty.source.branch, empty.source.dirty) == (None, "trunk", False)
+    assert len(empty.manifest) == 0
+    write(root, {"a.py": "x"})
+    assert freeze(root, store).source.dirty is True
+
+
+def test_directory_that_git_ignores_is_refused(tmp_path: Path, store: Store) -> None:
+    root = git_repo(tmp_path / "repo", {".gitignore": "scratch/\n", "a.py": ""})
+    write(root, {"scratch/exp.py": ""})
+    with pytest.raises(InvalidManifest, match="git shows no files"):
+        freeze(root / "scratch", store)
+
+
+def test_stat_cache_file_is_replaced_atomically(tmp_path: Path, store: Store) -> None:
+    root = tmp_path / "t"
+    write(root, FILES)
+    cache = tmp_path / "c" / "stat"
+    freeze(root, store, cache_path=cache)
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["stat"]  # no temp left behind
+    assert stat.S_ISREG(cache.stat().st_mode)
