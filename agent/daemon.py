@@ -166,7 +166,13 @@ def serve(user: bool, sock: Path | None, state: Path | None, verbose: bool) -> N
 @main.command()
 @_user_opt
 @_socket_opt
-def dial(user: bool, sock: Path | None) -> None:
+@click.option(
+    "--announce",
+    is_flag=True,
+    help="Once connected, write the line `launch-agent dial: connected` to stdout first "
+    "(so the caller can tell a bridge that works from one that failed).",
+)
+def dial(user: bool, sock: Path | None, announce: bool) -> None:
     """Bridge stdin and stdout to the agent's socket (for SSH servers that refuse
     stream forwarding, as `docker -H ssh://` does)."""
     config = resolve_config(user, sock, None)
@@ -175,6 +181,8 @@ def dial(user: bool, sock: Path | None) -> None:
         conn.connect(str(config.socket))
     except OSError as exc:
         sys.exit(f"launch-agent dial: cannot reach {config.socket}: {exc.strerror}")
+    if announce:
+        os.write(1, b"launch-agent dial: connected\n")
 
     def upstream() -> None:
         while data := os.read(0, 256 * 1024):

@@ -30,9 +30,9 @@ import stat
 import subprocess
 import tempfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +60,39 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NO
 _GIT_MODES = {"file": "100644", "exec": "100755", "symlink": "120000"}
 _LS_FILES = ("ls-files", "-z", "-t", "-s", "--cached", "--others", "--exclude-standard")
 _path_of = attrgetter("path")
+
+
+def _entry_maker() -> Callable[..., Entry]:
+    """A faster `Entry(path, kind, size, blob, target)` for the warm path's entries.
+
+    Entry is a frozen slots dataclass: its generated __init__ sets each field through
+    object.__setattr__, which makes it cost three times what setting the slots directly does,
+    and 7,000 of them are a sixth of a warm freeze. The entries are the same objects either
+    way; if Entry ever stops being exactly these five plain slots, this is the constructor.
+    """
+    names = ("path", "kind", "size", "blob", "target")
+    slots = getattr(Entry, "__slots__", ())
+    plain = not hasattr(Entry, "__post_init__") and tuple(f.name for f in fields(Entry)) == names
+    if not plain or tuple(slots) != names:
+        return Entry
+    setters = [Entry.__dict__[name].__set__ for name in names]
+    set_path, set_kind, set_size, set_blob, set_target = setters
+    new = object.__new__
+
+    def make(path: str, kind: str, size: int, blob: str, target: str | None) -> Entry:
+        entry = new(Entry)
+        set_path(entry, path)
+        set_kind(entry, kind)
+        set_size(entry, size)
+        set_blob(entry, blob)
+        set_target(entry, target)
+        return entry
+
+    return make
+
+
+_make_entry = _entry_maker()
+_Row = tuple[statcache.Key, str, str, str]  # a stat cache row: stat, kind, blob, git blob
 
 
 class FreezeError(InvalidManifest):
@@ -114,37 +147,41 @@ def freeze(
     """
     root = _check_root(root)
     top = str(root)
-    cache = statcache.load(cache_path, top)
-    with _Git(root) as git:
+    with _Git(root) as git:  # first, so that git lists the tree while the rest happens
+        cache = statcache.load(cache_path, top)
+        last = _Listing.load(cache)
+        git.recall(last.memo if last else None)
         ignore = _LaunchIgnore.load(root)
-        guess = _Listing.from_cache(cache.listing)
         # While git lists the tree, scan what it listed last time: usually it is the same.
-        scan = _Scan(top, cache, guess, max_file_size).run() if guess is not None else None
+        scan = _Scan(top, cache, last.listing, max_file_size).run() if last else None
         output = git.ls_files()
         digest: bytes | None = None
         if output is None:
             listing = _walk(top, ignore)
         else:
             digest = hashlib.sha256(output + b"\0" + ignore.raw).digest()
-            same = guess is not None and cache.listing is not None and cache.listing[0] == digest
-            listing = guess if same and guess is not None else _parse_ls_files(output, ignore)
+            if last is not None and last.digest == digest:
+                listing = last.listing
+            else:
+                listing = _parse_ls_files(output, ignore)
         if scan is None or scan.listing is not listing:
-            stats = scan.stats if scan is not None else {}
-            scan = _Scan(top, cache, listing, max_file_size, stats).run()
+            scan = _Scan(top, cache, listing, max_file_size).run(scan.known() if scan else None)
         scan.raise_problems()
         scan.check_present(store)
         read = _read_all(top, scan.misses, store, max_file_size)
         scan.add_read(read)
-        manifest = _store_manifest(store, scan.entries + read.entries)
+        manifest = _store_manifest(store, scan.entries() + read.entries)
         source = git.source(listing, scan) if listing.git else Source()
-    rows = {**scan.hits, **read.rows}
-    changed = read.files > 0 or rows.keys() != cache.rows.keys()
-    cached_digest = cache.listing[0] if cache.listing is not None else None
+    # The memo holds for the listing it was made with: kept if git listed the same again.
+    memo = git.memo or (last.memo if last and listing is last.listing else None)
     if cache_path is not None and (
-        changed or manifest.bundle_id != cache.bundle_id or digest != cached_digest
+        scan.changed(read)
+        or manifest.bundle_id != cache.bundle_id
+        or digest != (last.digest if last else None)
+        or memo != (last.memo if last else None)
     ):
-        saved = (digest, listing.to_wire()) if digest is not None else None
-        statcache.save(cache_path, top, sorted(rows.items()), manifest.bundle_id, saved)
+        extra = listing.to_extra(digest, scan.suspects, memo) if digest is not None else None
+        statcache.save(cache_path, top, scan.table(read), manifest.bundle_id, extra)
     excluded = tuple(sorted(listing.excluded + scan.excluded, key=_path_of))
     return Frozen(root, manifest, source, excluded, read.bytes, read.files)
 
@@ -161,56 +198,93 @@ def _check_root(root: Path) -> Path:
 # ---------------------------------------------------------------------------- listing
 
 
-@dataclass
 class _Listing:
-    """The candidate paths of a tree (sorted), plus what git says about them."""
+    """The candidate paths of a tree, sorted, plus what git says about them.
 
-    candidates: list[str]
-    excluded: list[Excluded] = field(default_factory=list)
-    git: bool = False
-    index: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (mode, sha1)
-    untracked: bool = False  # git status would show an untracked file or directory
-    unmerged: bool = False
-    unknown: bool = False  # a tracked path not examined here (launchignored, a submodule)
-    skip_worktree: set[str] = field(default_factory=set)
+    `index` maps each tracked path to its (mode, sha1) in git's index. A listing taken from
+    the stat cache keeps the index as the columns it was saved in until someone asks for it
+    (a warm freeze usually does not), and knows which paths were suspects last time
+    (`cached_suspects`, see _Scan).
+    """
 
-    def to_wire(self) -> list[Any]:
-        """A form for the stat cache, in columns (see statcache on why)."""
-        paths = list(self.index)
-        return [
-            "\0".join(self.candidates),
-            [[e.path, e.reason] for e in self.excluded],
-            "\0".join(paths),
-            "".join(self.index[p][0] for p in paths),
-            "".join(self.index[p][1] for p in paths),
-            [self.untracked, self.unmerged, self.unknown],
-            sorted(self.skip_worktree),
-        ]
+    def __init__(
+        self,
+        candidates: list[str],
+        excluded: list[Excluded] | None = None,
+        *,
+        git: bool = False,
+        index: dict[str, tuple[str, str]] | None = None,
+    ) -> None:
+        self.candidates = candidates
+        self.excluded: list[Excluded] = excluded if excluded is not None else []
+        self.git = git
+        self._index = index if index is not None else {}
+        self._index_columns: tuple[str, str, str] | None = None
+        self.untracked = False  # git status would show an untracked file or directory
+        self.unmerged = False
+        self.unknown = False  # a tracked path not examined here (launchignored, a submodule)
+        self.skip_worktree: set[str] = set()
+        self.cached_suspects: set[str] | None = None  # set when taken from the cache
 
-    @classmethod
-    def from_cache(cls, cached: tuple[bytes, Any] | None) -> _Listing | None:
-        """The listing saved in the cache, or None if there is none or it is malformed."""
-        if cached is None:
-            return None
-        try:
-            candidates, excluded, paths, modes, shas, flags, skip = cached[1]
+    @property
+    def index(self) -> dict[str, tuple[str, str]]:
+        if self._index_columns is not None:
+            paths, modes, shas = self._index_columns
             names = paths.split("\0") if paths else []
             mode_list = [modes[i : i + 6] for i in range(0, len(modes), 6)]
             sha_list = [shas[i : i + 40] for i in range(0, len(shas), 40)]
-            index = dict(zip(names, zip(mode_list, sha_list, strict=True), strict=True))
-            untracked, unmerged, unknown = flags
-            return cls(
-                candidates.split("\0") if candidates else [],
-                [Excluded(p, r) for p, r in excluded],
-                True,
-                index,
-                bool(untracked),
-                bool(unmerged),
-                bool(unknown),
-                set(skip),
-            )
-        except (TypeError, ValueError, AttributeError):
+            self._index = dict(zip(names, zip(mode_list, sha_list, strict=True), strict=True))
+            self._index_columns = None
+        return self._index
+
+    @property
+    def from_cache(self) -> bool:
+        return self.cached_suspects is not None
+
+    def to_extra(self, digest: bytes, suspects: list[str], memo: _StagedMemo | None) -> list[Any]:
+        """What the stat cache keeps of a git listing; the candidates are its rows' paths."""
+        index = self.index
+        return [
+            digest,
+            [[e.path, e.reason] for e in self.excluded],
+            "\0".join(index),
+            "".join(mode for mode, _ in index.values()),
+            "".join(sha for _, sha in index.values()),
+            [self.untracked, self.unmerged, self.unknown],
+            sorted(self.skip_worktree),
+            sorted(set(suspects)),
+            memo.to_wire() if memo is not None else None,
+        ]
+
+    @classmethod
+    def load(cls, cache: statcache.StatCache) -> _Recalled | None:
+        """The git listing saved with the cache; None if there is none (or it is malformed).
+        Its candidates are the cache's own rows."""
+        if cache.extra is None:
             return None
+        try:
+            digest, excluded, paths, modes, shas, flags, skip, suspects, memo = cache.extra
+            listing = cls(cache.table.paths, [Excluded(p, r) for p, r in excluded], git=True)
+            listing._index_columns = (paths, modes, shas)
+            listing.untracked, listing.unmerged, listing.unknown = (bool(f) for f in flags)
+            listing.skip_worktree = set(skip)
+            listing.cached_suspects = set(suspects)
+            staged = _StagedMemo.from_wire(memo, cache.written_ns - statcache.RACY_NS)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if not isinstance(digest, bytes):
+            return None
+        return _Recalled(digest, listing, staged)
+
+
+@dataclass(frozen=True)
+class _Recalled:
+    """What the last freeze of a git tree learnt from git: the digest of git's listing (and
+    of `.launchignore`), that listing parsed, and the memo about the index and HEAD."""
+
+    digest: bytes
+    listing: _Listing
+    memo: _StagedMemo | None
 
 
 class _LaunchIgnore:
@@ -321,7 +395,7 @@ def _parse_ls_files(output: bytes, ignore: _LaunchIgnore) -> _Listing:
     `H mode sha stage\\tpath` for a tracked one (S: skip-worktree, M: unmerged)."""
     listing = _Listing([], git=True)
     candidates = listing.candidates
-    index = listing.index
+    index: dict[str, tuple[str, str]] = listing.index
     seen: set[str] = set()
     for record in os.fsdecode(output).split("\0"):
         if not record:
@@ -360,12 +434,35 @@ def _parse_ls_files(output: bytes, ignore: _LaunchIgnore) -> _Listing:
     return listing
 
 
+@dataclass(frozen=True)
+class _StagedMemo:
+    """Whether git's index differed from HEAD at the last freeze, and what that depended on:
+    the commit, the index file (by path and stat) and git's listing (which shows every index
+    entry). While all of them are the same, so is the answer, and no `git diff-index` runs."""
+
+    head: str
+    index_path: str
+    index_key: statcache.Key | None  # None: not to be trusted (written in a racy moment)
+    staged: bool
+
+    def to_wire(self) -> list[Any]:
+        return [self.head, self.index_path, list(self.index_key or ()), self.staged]
+
+    @classmethod
+    def from_wire(cls, value: Any, racy_after_ns: int) -> _StagedMemo | None:
+        if not value:
+            return None
+        head, index_path, key, staged = value
+        index_key = tuple(key) if key and key[2] < racy_after_ns else None
+        return cls(head, index_path, index_key, bool(staged))
+
+
 class _Git:
-    """The git processes of one freeze, all started at once so that they run on the other
-    core while this process stats files: the listing (with each tracked file's mode and SHA-1,
-    which tell a clean work tree without `git status`), HEAD and its branch, and whether the
-    index differs from HEAD. The listing goes to a temporary file, not a pipe, so git never
-    waits for us to read it."""
+    """The git processes of one freeze, started at once so that they run on the other core
+    while this process stats files: the listing (with each tracked file's mode and SHA-1,
+    which tell a clean work tree without `git status`), HEAD and its branch, and, unless the
+    last freeze's answer still holds (_StagedMemo), whether the index differs from HEAD. The
+    listing goes to a temporary file, not a pipe, so git never waits for us to read it."""
 
     def __init__(self, root: Path) -> None:
         self._root = root
@@ -374,6 +471,10 @@ class _Git:
         self._env = {**os.environ, "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"}
         self._out: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by __exit__)
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._memo: _StagedMemo | None = None
+        self._index_key: statcache.Key | None = None
+        self._staged: subprocess.Popen[bytes] | None = None
+        self.memo: _StagedMemo | None = None  # what to remember for the next freeze
         self._ls: subprocess.Popen[bytes] | None
         try:
             self._ls = self._start(_LS_FILES, stdout=self._out, stderr=subprocess.PIPE)
@@ -381,15 +482,20 @@ class _Git:
             self._ls = None
             return
         self._head = self._start(
-            ("rev-parse", "--show-toplevel", "HEAD", "--abbrev-ref", "HEAD"),
+            ("rev-parse", "--show-toplevel", "--git-path", "index", "HEAD", "--abbrev-ref", "HEAD"),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        self._staged = self._start(
-            ("diff-index", "--cached", "--quiet", "HEAD", "--", "."),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+
+    def recall(self, memo: _StagedMemo | None) -> None:
+        """Take the last freeze's memo; unless the index file is as it was then, ask git at
+        once whether the index differs from HEAD (it runs beside the rest)."""
+        if self._ls is None:
+            return
+        self._memo = memo
+        self._index_key = _key_of(memo.index_path) if memo is not None else None
+        if memo is None or self._index_key is None or self._index_key != memo.index_key:
+            self._start_staged()
 
     def _start(self, args: tuple[str, ...], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
@@ -402,6 +508,15 @@ class _Git:
         )
         self._procs.append(proc)
         return proc
+
+    def _start_staged(self) -> subprocess.Popen[bytes]:
+        if self._staged is None:
+            self._staged = self._start(
+                ("diff-index", "--cached", "--quiet", "HEAD", "--", "."),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        return self._staged
 
     def __enter__(self) -> _Git:
         return self
@@ -451,18 +566,19 @@ class _Git:
         root would say (untracked files count: they are in the bundle, not in the commit)."""
         out, _ = self._head.communicate()
         lines = out.decode(errors="replace").splitlines()
-        if self._head.returncode == 0 and len(lines) == 3:
-            branch = None if lines[2] == "HEAD" else lines[2]
-            return Source(lines[1], branch, self._dirty(listing, scan))
+        if self._head.returncode == 0 and len(lines) == 4:
+            index_path = os.path.join(self._root, lines[1])
+            branch = None if lines[3] == "HEAD" else lines[3]
+            return Source(lines[2], branch, self._dirty(listing, scan, lines[2], index_path))
         # No commit yet: a branch waits to be born, and anything at all differs from nothing.
         ref = self._run("symbolic-ref", "-q", "--short", "HEAD")
         branch = ref.stdout.decode(errors="replace").strip() or None
         return Source(None, branch, listing.untracked or bool(listing.index) or listing.unknown)
 
-    def _dirty(self, listing: _Listing, scan: _Scan) -> bool:
+    def _dirty(self, listing: _Listing, scan: _Scan, head: str, index_path: str) -> bool:
         if listing.untracked or listing.unmerged or scan.deleted_tracked:
             return True
-        if self._staged.wait() != 0:
+        if self._differs_from_head(listing, head, index_path):
             return True
         if not (listing.unknown or scan.suspects):
             return False
@@ -470,10 +586,35 @@ class _Git:
         # a change, or only a clean filter, an eol rule or core.fileMode at work. git decides.
         return self._run("diff", "--quiet", "HEAD", "--", ".").returncode != 0
 
+    def _differs_from_head(self, listing: _Listing, head: str, index_path: str) -> bool:
+        """Whether the index differs from HEAD: the memo's answer while it holds, else git's."""
+        memo = self._memo
+        if (
+            self._staged is None
+            and memo is not None
+            and listing.from_cache  # git listed the same index entries as last time
+            and (memo.head, memo.index_path) == (head, index_path)
+        ):
+            staged = memo.staged
+        else:
+            key = self._index_key if memo and memo.index_path == index_path else None
+            key = key or _key_of(index_path)  # taken after git read it: racy, not trusted
+            staged = self._start_staged().wait() != 0
+            memo = _StagedMemo(head, index_path, key, staged)
+        self.memo = memo
+        return staged
+
     def _run(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             ["git", *args], cwd=self._root, env=self._env, capture_output=True, check=False
         )
+
+
+def _key_of(path: str) -> statcache.Key | None:
+    try:
+        return statcache.stat_key(os.lstat(path))
+    except OSError:
+        return None
 
 
 def _has_files(root: Path) -> bool:
@@ -485,28 +626,29 @@ def _has_files(root: Path) -> bool:
 
 
 class _Scan:
-    """Stat every candidate and sort it: an entry known from the cache (a hit), a file to
-    read (a miss), an exclusion, or a problem to report. Reads nothing but symlink targets.
+    """Stat every candidate and sort it: a hit (its cached row holds: no need to read it), a
+    file to read (a miss), an exclusion, or a problem to report. Reads only symlink targets.
 
-    `stats` holds the lstat of every path looked at, so that a scan made on a guess (the last
-    listing) lends its stats to the scan of the real listing when the two differ.
+    The loop over candidates is the warm path's inner loop, so it does as little as it can:
+    lstat, compare with the cached row, make the entry. Anything else goes to `rest`, sorted
+    out afterwards by slower, plainer code. When the listing is the cache's own (git said
+    the same as last time), its rows line up with the candidates and no lookups are needed.
     """
 
     def __init__(
-        self,
-        top: str,
-        cache: statcache.StatCache,
-        listing: _Listing,
-        max_file_size: int,
-        stats: dict[str, os.stat_result] | None = None,
+        self, top: str, cache: statcache.StatCache, listing: _Listing, max_file_size: int
     ) -> None:
         self.top = top
         self.cache = cache
         self.listing = listing
         self.max_file_size = max_file_size
-        self.stats: dict[str, os.stat_result] = {} if stats is None else stats
-        self.entries: list[Entry] = []
-        self.hits: dict[str, statcache.Row] = {}
+        self.hits: list[Entry] = []
+        self.hit_rows: list[int] = []  # the cache row of each hit
+        self.others: list[Entry] = []  # entries that are not hits (symlinks looked at now)
+        self.rows: dict[str, _Row] = {}  # rows of symlinks looked at now (reads have theirs)
+        self.targets: dict[str, str] = {}  # their targets
+        self.stats: list[os.stat_result | None] = []  # by candidate, for a scan after this
+        self.rest: list[tuple[str, int, os.stat_result | None, OSError | None]] = []
         self.misses: list[tuple[str, Kind, int]] = []  # path, kind, size when stat-ed
         self.excluded: list[Excluded] = []
         self.oversize: list[tuple[str, int]] = []
@@ -516,70 +658,93 @@ class _Scan:
         self.suspects: list[str] = []  # tracked paths whose bytes or mode differ from the index
         self.deleted_tracked = False
 
-    def run(self) -> _Scan:
-        # The loop runs once per file on the path where every millisecond counts: names are
-        # bound locally and the cache test is inlined (statcache.StatCache.lookup says why).
-        rows = self.cache.rows
-        racy_before = self.cache.racy_before_ns
-        index = self.listing.index
-        stats = self.stats
+    def run(self, known: dict[str, os.stat_result] | None = None) -> _Scan:
+        """Scan the listing; `known` are stats taken already (by a scan of a guess)."""
+        table = self.cache.table
+        candidates = self.listing.candidates
+        rows: Sequence[int]
+        if candidates is table.paths:
+            rows, keys, kinds, blobs = range(len(candidates)), table.keys, table.kinds, table.blobs
+        else:
+            where = table.position()
+            rows = [where.get(path, -1) for path in candidates]
+            keys = [table.keys[i] if i >= 0 else None for i in rows]
+            kinds = [table.kinds[i] if i >= 0 else "" for i in rows]
+            blobs = [table.blobs[i] if i >= 0 else "" for i in rows]
+        targets = table.targets
         lstat = os.lstat
         prefix = self.top + "/"
         max_size = self.max_file_size
-        entry_of = Entry
-        entries = self.entries
-        hits = self.hits
-        misses = self.misses
-        modes = _GIT_MODES
-        for path in self.listing.candidates:
-            row = rows.get(path)
-            if row is None:  # a path in the cache passed this check when it was frozen
-                try:
-                    check_path(path)
-                except InvalidManifest as exc:
-                    self.bad_names.append((path, exc.message))
-                    continue
-            st = stats.get(path)
+        entry_of = _make_entry
+        hits, hit_rows, rest, stats = self.hits, self.hit_rows, self.rest, self.stats
+        for path, row, key, kind, blob in zip(candidates, rows, keys, kinds, blobs, strict=True):
+            st = known.get(path) if known else None
             if st is None:
                 try:
                     st = lstat(prefix + path)
-                except FileNotFoundError:
-                    self._vanished(path)
-                    continue
                 except OSError as exc:
-                    self.unreadable.append((path, exc.strerror or str(exc)))
+                    stats.append(None)
+                    rest.append((path, row, None, exc))
                     continue
-                stats[path] = st
-            mode = st.st_mode
-            if mode & 0o170000 == 0o100000:  # S_ISREG
-                size = st.st_size
-                kind: Kind = "exec" if mode & 0o100 else "file"  # S_IXUSR
-                if size > max_size:
-                    self.oversize.append((path, size))
-                elif (
-                    row is not None
-                    and row[1] == kind
-                    and row[0] == (size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-                    and st.st_mtime_ns < racy_before
-                ):
-                    entries.append(entry_of(path, kind, size, row[2]))
-                    hits[path] = row
-                    git = index.get(path)
-                    if git is not None and (git[1] != row[3] or git[0] != modes[kind]):
-                        self.suspects.append(path)
-                else:
-                    misses.append((path, kind, size))
-            elif mode & 0o170000 == 0o120000:  # S_ISLNK
-                self._symlink(path)
+            stats.append(st)
+            if (
+                key is not None
+                and key == (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+                and key[1] <= max_size
+            ):
+                hits.append(
+                    entry_of(path, kind, key[1], blob, targets.get(path) if targets else None)
+                )
+                hit_rows.append(row)
             else:
-                self.excluded.append(Excluded(path, f"not a regular file ({_type_name(mode)})"))
-                if path in index:
-                    self.suspects.append(path)
+                rest.append((path, row, st, None))
+        self._sort_rest()
         self._drop_beyond_symlinks()
+        if self.listing.git:
+            self._hit_suspects()
         return self
 
+    def known(self) -> dict[str, os.stat_result]:
+        """The stats this scan took, by path."""
+        pairs = zip(self.listing.candidates, self.stats, strict=True)
+        return {path: st for path, st in pairs if st is not None}
+
+    def entries(self) -> list[Entry]:
+        return self.hits + self.others
+
+    def _sort_rest(self) -> None:
+        for path, row, st, exc in self.rest:
+            if row < 0:  # a path with a row passed this check when it was first frozen
+                try:
+                    check_path(path)
+                except InvalidManifest as bad:
+                    self.bad_names.append((path, bad.message))
+                    continue
+            if st is None:
+                if isinstance(exc, FileNotFoundError):
+                    self._vanished(path)
+                else:
+                    self.unreadable.append((path, _why(exc) if exc else "unknown error"))
+                continue
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                if st.st_size > self.max_file_size:
+                    self.oversize.append((path, st.st_size))
+                else:
+                    self.misses.append(
+                        (path, "exec" if mode & stat.S_IXUSR else "file", st.st_size)
+                    )
+            elif stat.S_ISLNK(mode):
+                self._symlink(path, st)
+            else:
+                self.excluded.append(Excluded(path, f"not a regular file ({_type_name(mode)})"))
+                if self.listing.git and path in self.listing.index:
+                    self.suspects.append(path)
+
     def _vanished(self, path: str) -> None:
-        if path in self.listing.skip_worktree:
+        if not self.listing.git:
+            self.excluded.append(Excluded(path, "vanished while freezing"))
+        elif path in self.listing.skip_worktree:
             self.excluded.append(Excluded(path, "git: not checked out (skip-worktree)"))
         elif path in self.listing.index:
             self.excluded.append(Excluded(path, "git: deleted"))
@@ -587,28 +752,50 @@ class _Scan:
         else:
             self.excluded.append(Excluded(path, "vanished while freezing"))
 
-    def _symlink(self, path: str) -> None:
+    def _symlink(self, path: str, st: os.stat_result) -> None:
         try:
             target = os.readlink(self.top + "/" + path)
         except OSError as exc:
-            self.unreadable.append((path, exc.strerror or str(exc)))
+            self.unreadable.append((path, _why(exc)))
             return
         try:
             check_symlink_target(path, target)
         except InvalidManifest:
             self.escaping.append((path, target))
             return
-        self.entries.append(Entry.symlink(path, target))
+        entry = Entry.symlink(path, target)
+        self.others.append(entry)
         data = target.encode()
         git_blob = hashlib.sha1(b"blob %d\0%s" % (len(data), data)).hexdigest()
-        git = self.listing.index.get(path)
-        if git is not None and git != ("120000", git_blob):
-            self.suspects.append(path)
+        self.rows[path] = (statcache.stat_key(st), "symlink", entry.blob, git_blob)
+        self.targets[path] = target
+        if self.listing.git:
+            git = self.listing.index.get(path)
+            if git is not None and git != ("120000", git_blob):
+                self.suspects.append(path)
+
+    def _hit_suspects(self) -> None:
+        """Tracked hits whose bytes or mode differ from git's index. A hit is the same file as
+        last time, so if git's listing (index included) is also the same, last time's verdict
+        stands and no index is needed."""
+        cached = self.listing.cached_suspects
+        if cached is not None:
+            again = {path for path, _, _, _ in self.rest}
+            self.suspects += [path for path in cached if path not in again]
+            return
+        index = self.listing.index
+        table = self.cache.table
+        for entry, row in zip(self.hits, self.hit_rows, strict=True):
+            git = index.get(entry.path)
+            if git is not None and git != (_GIT_MODES[entry.kind], table.git_blob(row)):
+                self.suspects.append(entry.path)
 
     def _drop_beyond_symlinks(self) -> None:
         """git still lists a tracked `d/x` after `d` became a symlink, and lstat would follow
         `d`. Such paths are not in the tree any more (git status calls them deleted)."""
-        links = {e.path for e in self.entries if e.kind == "symlink"}
+        if not (self.cache.table.targets or self.others):  # no symlink: nothing beyond one
+            return
+        links = {e.path for e in self.hits + self.others if e.kind == "symlink"}
         if not links:
             return
 
@@ -616,13 +803,16 @@ class _Scan:
             parts = path.split("/")
             return any("/".join(parts[:n]) in links for n in range(1, len(parts)))
 
-        gone = [e.path for e in self.entries if beyond(e.path)]
+        gone = [e.path for e in self.hits + self.others if beyond(e.path)]
         gone += [m[0] for m in self.misses if beyond(m[0])]
         for path in gone:
             self.excluded.append(Excluded(path, "beyond a symlink"))
-            self.deleted_tracked |= path in self.listing.index
-            self.hits.pop(path, None)
-        self.entries = [e for e in self.entries if not beyond(e.path)]
+            self.deleted_tracked |= self.listing.git and path in self.listing.index
+            self.rows.pop(path, None)
+        kept = [(e, r) for e, r in zip(self.hits, self.hit_rows, strict=True) if not beyond(e.path)]
+        self.hits = [e for e, _ in kept]
+        self.hit_rows = [r for _, r in kept]
+        self.others = [e for e in self.others if not beyond(e.path)]
         self.misses = [m for m in self.misses if not beyond(m[0])]
 
     def raise_problems(self) -> None:
@@ -655,29 +845,66 @@ class _Scan:
         without it, ask the store about each, and read again any file whose blob is gone."""
         if not self.hits or (self.cache.bundle_id and store.has(self.cache.bundle_id)):
             return
-        missing = set(store.missing({row[2] for row in self.hits.values()}))
+        missing = set(store.missing({e.blob for e in self.hits if e.kind != "symlink"}))
         if not missing:
             return
-        kept: list[Entry] = []
-        for entry in self.entries:
+        kept: list[tuple[Entry, int]] = []
+        for entry, row in zip(self.hits, self.hit_rows, strict=True):
             if entry.kind != "symlink" and entry.blob in missing:
-                del self.hits[entry.path]
                 self.misses.append((entry.path, entry.kind, entry.size))
             else:
-                kept.append(entry)
-        self.entries = kept
+                kept.append((entry, row))
+        self.hits = [e for e, _ in kept]
+        self.hit_rows = [r for _, r in kept]
 
     def add_read(self, read: _Read) -> None:
         """Take in what reading the misses found; raise if a file could not be frozen."""
         self.excluded += read.excluded
-        for path, (_, kind, _, git_blob) in read.rows.items():
-            git = self.listing.index.get(path)
-            if git is not None and git != (_GIT_MODES[kind], git_blob):
-                self.suspects.append(path)
+        if self.listing.git and read.rows:
+            index = self.listing.index
+            for path, (_, kind, _, git_blob) in read.rows.items():
+                git = index.get(path)
+                if git is not None and git != (_GIT_MODES[kind], git_blob):
+                    self.suspects.append(path)
         if read.oversize:
             raise _oversize_error(read.oversize, self.max_file_size)
         if read.unreadable:
             raise _unreadable_error(read.unreadable)
+
+    def changed(self, read: _Read) -> bool:
+        """Whether the cache needs writing: anything was read or is new, or the list moved."""
+        table = self.cache.table
+        candidates = self.listing.candidates
+        same = candidates is table.paths or candidates == table.paths
+        return bool(read.files or self.rows or not same)
+
+    def table(self, read: _Read) -> statcache.Table:
+        """The rows to save: one per candidate, in order."""
+        old = self.cache.table
+        hit_row = dict(zip((e.path for e in self.hits), self.hit_rows, strict=True))
+        fresh = {**self.rows, **read.rows}
+        new = statcache.Table(self.listing.candidates, [], [], [], "", {})
+        keys: list[statcache.Key | None] = []
+        git_blobs: list[str] = []
+        for path in self.listing.candidates:
+            row = fresh.get(path)
+            key: statcache.Key | None
+            if row is not None:
+                key, kind, blob, git_blob = row
+            elif path in hit_row:
+                i = hit_row[path]
+                key, kind, blob, git_blob = old.keys[i], old.kinds[i], old.blobs[i], old.git_blob(i)
+            else:
+                key, kind, blob, git_blob = None, "", statcache.NO_BLOB, statcache.NO_GIT_BLOB
+            keys.append(key)
+            new.kinds.append(kind)
+            new.blobs.append(blob)
+            git_blobs.append(git_blob)
+            if kind == "symlink":
+                new.targets[path] = old.targets[path] if row is None else self.targets[path]
+        new.keys = keys
+        new.git_blobs = "".join(git_blobs)
+        return new
 
 
 def _type_name(mode: int) -> str:
@@ -731,7 +958,7 @@ class _Read:
     """What reading the misses gave: entries, cache rows, and what went wrong."""
 
     entries: list[Entry] = field(default_factory=list)
-    rows: dict[str, statcache.Row] = field(default_factory=dict)
+    rows: dict[str, _Row] = field(default_factory=dict)
     excluded: list[Excluded] = field(default_factory=list)
     oversize: list[tuple[str, int]] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
@@ -742,7 +969,7 @@ class _Read:
 # One file's outcome, from a reading thread: (path, kind, stat, bytes, blob, git blob) when it
 # was read, else (path, problem, detail, None, "", "") with problem one of "oversize",
 # "unreadable", "vanished" (detail: the size, or the reason).
-_Outcome = tuple[str, str, statcache.Stat | str | int, bytes | None, str, str]
+_Outcome = tuple[str, str, statcache.Key | str | int, bytes | None, str, str]
 
 
 def _read_all(

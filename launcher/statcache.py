@@ -1,23 +1,27 @@
 """The freeze stat cache: this module owns its file, its format and the rule for trusting it.
 
-Like git's index, the cache remembers for every file of the last freeze its stat
-(size, mtime_ns, inode, ctime_ns), its kind, its blob (SHA-256) and its git blob id (SHA-1 of
-git's `blob <size>\\0` header and the bytes, which lets freeze tell a clean work tree without
-running `git status`). A file whose stat is unchanged is not read again.
+Like git's index, the cache keeps one row for every path the last freeze looked at, in path
+order: the path's stat as it was just before the file was read (mode, size, mtime_ns, inode,
+ctime_ns), its kind, its blob (SHA-256), its git blob id (SHA-1 of git's `blob <size>\\0`
+header and the bytes, which tells a clean work tree without `git status`) and, for a symlink,
+its target. A path whose stat is unchanged is not read again. Paths that were left out (a
+deleted tracked file, a fifo) have a row without kind, so that the next freeze can go through
+the same list without asking where anything is.
 
 Trust rule (git's "racy git" rule): a row is only used when the file's mtime is older than the
 moment the cache was written by more than RACY_NS. A file changed in the same clock tick as
 the stat that was cached can keep size, mtime and ctime; such a file is read again until its
-mtime is safely in the past. Whether the blob is still in the store is checked by the caller.
+mtime is safely in the past. Rows that fail the rule are loaded without their stat. Whether a
+blob is still in the store is the caller's to check.
 
-Beside the rows the cache keeps one opaque value for freeze (`listing`: the last git listing,
-parsed, under the digest of git's output), so that an unchanged tree is not parsed again.
+Beside the rows the cache keeps one opaque value for freeze (`extra`: what git said last time,
+parsed), so that an unchanged tree is not parsed again.
 
-The file is msgpack, one array, in columns rather than rows: loading 7,000 rows this way costs
-about a millisecond, a quarter of what an array per row costs, and a warm freeze has only a few
-tens of milliseconds to spend. It is written whole to a temp file and renamed into place, so a
-reader sees the old cache or the new one. A cache that is missing, unreadable, of another
-format or of another root is simply empty: losing it costs time, never correctness.
+The file is msgpack, one array, in columns rather than rows: a warm freeze of 7,000 files has
+a few tens of milliseconds in all, and loading an array per row would take a fifth of them.
+It is written whole to a temp file and renamed into place, so a reader sees the old cache or
+the new one. A cache that is missing, unreadable, of another format or of another root is
+simply empty: losing it costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -25,56 +29,66 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 RACY_NS = 2_000_000_000  # git uses the index's own mtime; 2 s also absorbs small clock skew
+NO_BLOB = "0" * 64
+NO_GIT_BLOB = "0" * 40
+_KIND_CODES = {"file": "f", "exec": "x", "symlink": "l", "": "-"}
+_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
 
-Stat = tuple[int, int, int, int]  # size, mtime_ns, ino, ctime_ns
-
-# What one file hashed to: (stat just before it was read, kind, blob, git blob id). A plain
-# tuple, not a dataclass: building 7,000 of them must cost well under a millisecond.
-Row = tuple[Stat, str, str, str]
+Key = tuple[int, int, int, int, int]  # mode, size, mtime_ns, ino, ctime_ns
 
 
-def stat_key(st: os.stat_result) -> Stat:
-    """The four stat fields that must all be unchanged for a cached row to be used."""
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+def stat_key(st: os.stat_result) -> Key:
+    """The five stat fields that must all be unchanged for a cached row to be used."""
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+@dataclass
+class Table:
+    """Rows in path order, as parallel lists. `keys[i]` is None where the row may not be
+    trusted (racy, or no content: the path was left out); `kinds[i]` is "" for a path left
+    out. Git blob ids stay one string until asked for: a warm freeze rarely needs them."""
+
+    paths: list[str] = field(default_factory=list)
+    keys: Sequence[Key | None] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    blobs: list[str] = field(default_factory=list)
+    git_blobs: str = ""
+    targets: dict[str, str] = field(default_factory=dict)
+    _position: dict[str, int] | None = None
+
+    def git_blob(self, i: int) -> str:
+        return self.git_blobs[40 * i : 40 * i + 40]
+
+    def position(self) -> dict[str, int]:
+        """Row number by path (built on first use)."""
+        if self._position is None:
+            self._position = dict(zip(self.paths, range(len(self.paths)), strict=True))
+        return self._position
 
 
 @dataclass
 class StatCache:
-    """Rows by path, as loaded; `written_ns` is when they were saved (0: never).
+    """The last freeze of `root`: its rows, when they were written, the bundle they made.
 
-    `bundle_id` is the bundle the rows were saved with. Its manifest went to the store after
-    all of its blobs (the store's write order), so finding it there proves every blob it lists
-    present at once, without one `has` call per file.
+    That bundle's manifest went to the store after all of its blobs (the store's write
+    order), so finding it there proves every blob of the rows present at once, without one
+    `has` call per file.
     """
 
     root: str
-    rows: dict[str, Row] = field(default_factory=dict)
+    table: Table = field(default_factory=Table)
     written_ns: int = 0
     bundle_id: str | None = None
-    listing: tuple[bytes, Any] | None = None  # (digest, value): freeze's, opaque here
-
-    def lookup(self, path: str, key: Stat, kind: str) -> Row | None:
-        """The row for `path` if it may be trusted for a file with this stat and kind."""
-        row = self.rows.get(path)
-        if row is None or row[0] != key or row[1] != kind:
-            return None
-        if key[1] >= self.written_ns - RACY_NS:  # racy: changed in the tick that was cached?
-            return None
-        return row
-
-    @property
-    def racy_before_ns(self) -> int:
-        """Rows of files with an mtime at or after this are not trusted (see `lookup`)."""
-        return self.written_ns - RACY_NS
+    extra: Any = None
 
 
 def load(path: Path | None, root: str) -> StatCache:
@@ -94,58 +108,58 @@ def load(path: Path | None, root: str) -> StatCache:
 
 def _decode(data: bytes, root: str) -> StatCache | None:
     raw = msgpack.unpackb(data, raw=False, use_list=False)
-    fmt, cached_root, written_ns, bundle_id, paths, stats, kinds, blobs, git_blobs, listing = raw
+    fmt, cached_root, written_ns, bundle_id, paths, stats, kinds, blobs, git_blobs = raw[:9]
+    targets, extra = raw[9:]
     if fmt != CACHE_FORMAT or cached_root != root or not isinstance(written_ns, int):
         return None
     names = paths.split("\0") if paths else []
     n = len(names)
-    if not (len(stats) == 4 * n and len(kinds) == n and len(blobs) == 64 * n):
+    if not (len(stats) == 5 * n == 5 * len(kinds) and len(blobs) == 64 * n):
         return None
-    if len(git_blobs) != 40 * n:
+    if len(git_blobs) != 40 * n or len(targets) != kinds.count("l"):
         return None
-    keys = zip(*[iter(stats)] * 4, strict=True)
-    kind_list = ["exec" if k == "x" else "file" for k in kinds]
-    blob_list = [blobs[i : i + 64] for i in range(0, len(blobs), 64)]
-    git_list = [git_blobs[i : i + 40] for i in range(0, len(git_blobs), 40)]
-    rows = dict(zip(names, zip(keys, kind_list, blob_list, git_list, strict=True), strict=True))
-    if listing is not None:
-        digest, value = listing
-        listing = (digest, value)
-    return StatCache(root, rows, written_ns, bundle_id, listing)
+    racy_after = written_ns - RACY_NS
+    keys = [
+        key if key[2] < racy_after and key[0] else None
+        for key in zip(*[iter(stats)] * 5, strict=True)
+    ]
+    links = (
+        [name for name, code in zip(names, kinds, strict=True) if code == "l"] if targets else []
+    )
+    table = Table(
+        names,
+        keys,
+        [_KINDS[code] for code in kinds],
+        [blobs[i : i + 64] for i in range(0, len(blobs), 64)],
+        git_blobs,
+        dict(zip(links, targets, strict=True)),
+    )
+    return StatCache(root, table, written_ns, bundle_id, extra)
 
 
-def save(
-    path: Path,
-    root: str,
-    rows: Iterable[tuple[str, Row]],
-    bundle_id: str | None,
-    listing: tuple[bytes, Any] | None = None,
-) -> None:
+def save(path: Path, root: str, table: Table, bundle_id: str | None, extra: Any = None) -> None:
     """Write the cache atomically (temp file, rename). The write time is taken after every
-    stat it holds was taken, which is what the racy rule needs. `listing` must be msgpack
+    stat it holds was taken, which is what the racy rule needs. `extra` must be msgpack
     made of arrays, strings, bytes, integers, booleans and None."""
-    names: list[str] = []
     stats: list[int] = []
-    kinds: list[str] = []
-    blobs: list[str] = []
-    git_blobs: list[str] = []
-    for name, (key, kind, blob, git_blob) in rows:
-        names.append(name)
-        stats.extend(key)
-        kinds.append("x" if kind == "exec" else "f")
-        blobs.append(blob)
-        git_blobs.append(git_blob)
+    for key in table.keys:
+        stats.extend(key or (0, 0, 0, 0, 0))
+    kinds = "".join(_KIND_CODES[kind] for kind in table.kinds)
+    targets = [
+        table.targets[p] for p, k in zip(table.paths, table.kinds, strict=True) if k == "symlink"
+    ]
     body: list[Any] = [
         CACHE_FORMAT,
         root,
         time.time_ns(),
         bundle_id,
-        "\0".join(names),
+        "\0".join(table.paths),
         stats,
-        "".join(kinds),
-        "".join(blobs),
-        "".join(git_blobs),
-        None if listing is None else list(listing),
+        kinds,
+        "".join(table.blobs),
+        table.git_blobs,
+        targets,
+        extra,
     ]
     data = msgpack.packb(body, use_bin_type=True)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,9 @@ from agent.protocol.errors import NodeUnreachable
 
 CONNECT_TIMEOUT_S = 15.0
 KEEPALIVE_S = 30
+# `dial` runs through the user's shell on the node, whose rc files may be slow (pyenv, conda).
+DIAL_TIMEOUT_S = 90.0
+DIAL_OK = b"launch-agent dial: connected\n"
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,33 @@ class AgentStream:
     via: str  # "forward" or "dial"
 
 
-def _reason(target: SshTarget, exc: BaseException) -> str:
+async def _resolved(target: SshTarget) -> tuple[int | None, str]:
+    """The port and known_hosts file a connection to `target` uses once its ssh_config is
+    applied (for advice in an error message)."""
+    try:
+        options = await asyncssh.SSHClientConnectionOptions.construct(
+            config=[target.ssh_config] if target.ssh_config else (),
+            host=target.host,
+            port=target.port or (),
+        )
+    except (OSError, asyncssh.Error, ValueError):
+        return target.port, "~/.ssh/known_hosts"
+    files = options.known_hosts
+    known = files[0] if isinstance(files, list) and files and isinstance(files[0], str) else ""
+    return options.port, known or "~/.ssh/known_hosts"
+
+
+def _reason(
+    target: SshTarget, exc: BaseException, resolved: tuple[int | None, str] | None = None
+) -> str:
     """A one-line reason for a failed connection, with what to do where we can say it."""
     where = f"{target.host}" + (f":{target.port}" if target.port else "")
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        port = f"-p {target.port} " if target.port else ""
+        port_no, known_hosts = resolved or (target.port, "~/.ssh/known_hosts")
+        port = f"-p {port_no} " if port_no and port_no != 22 else ""
         return (
             f"host key of {where} is unknown or changed ({exc.reason}); check its "
-            f"fingerprint, then add it: ssh-keyscan {port}{target.host} >> ~/.ssh/known_hosts"
+            f"fingerprint, then add it: ssh-keyscan {port}{target.host} >> {known_hosts}"
         )
     if isinstance(exc, asyncssh.PermissionDenied):
         return f"SSH authentication to {where} failed: check your key or ssh-agent ({exc.reason})"
@@ -83,6 +105,8 @@ class SshPool:
     def __init__(self) -> None:
         self._conns: dict[tuple[Any, ...], asyncssh.SSHClientConnection] = {}
         self._locks: dict[tuple[Any, ...], asyncio.Lock] = {}
+        # How streams to each node went last time: "forward" or "dial".
+        self._via: dict[tuple[Any, ...], str] = {}
 
     async def connection(self, target: SshTarget) -> asyncssh.SSHClientConnection:
         lock = self._locks.setdefault(target.key, asyncio.Lock())
@@ -103,7 +127,10 @@ class SshPool:
             try:
                 conn = await asyncssh.connect(target.host, **options)
             except (OSError, asyncssh.Error, TimeoutError) as exc:
-                raise NodeUnreachable(target.host, _reason(target, exc)) from None
+                resolved = None
+                if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+                    resolved = await _resolved(target)
+                raise NodeUnreachable(target.host, _reason(target, exc, resolved)) from None
             self._conns[target.key] = conn
             return conn
 
@@ -112,29 +139,51 @@ class SshPool:
         conn = await self.connection(target)
         peer = conn.get_extra_info("peername")
         address = peer[0] if peer else target.host
-        try:
-            reader, writer = await conn.open_unix_connection(target.socket)
-            return AgentStream(reader, writer, address, "forward")
-        except asyncssh.ChannelOpenError as exc:
-            if exc.code != asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-                raise NodeUnreachable(
-                    target.host,
-                    f"no agent at {target.socket} ({exc.reason}); start it there: "
-                    "launch-agent serve (or deploy/install.sh)",
-                ) from None
-        except (OSError, asyncssh.Error) as exc:
-            raise NodeUnreachable(target.host, _reason(target, exc)) from None
-        return await self._dial(conn, target, address)
+        key = (*target.key, target.socket)
+        if self._via.get(key) != "dial":
+            try:
+                reader, writer = await conn.open_unix_connection(target.socket)
+                self._via[key] = "forward"
+                return AgentStream(reader, writer, address, "forward")
+            except asyncssh.ChannelOpenError as exc:
+                # OpenSSH answers a direct-streamlocal refused by `AllowTcpForwarding no` with
+                # the same "open failed" as a socket nobody listens on. Only where forwarding
+                # worked before does it mean the agent is down; otherwise `dial` tells.
+                if self._via.get(key) == "forward" or exc.code not in (
+                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                    asyncssh.OPEN_CONNECT_FAILED,
+                ):
+                    raise NodeUnreachable(target.host, _no_agent(target, exc.reason)) from None
+            except (OSError, asyncssh.Error) as exc:
+                raise NodeUnreachable(target.host, _reason(target, exc)) from None
+        stream = await self._dial(conn, target, address)
+        self._via[key] = "dial"
+        return stream
 
     async def _dial(
         self, conn: asyncssh.SSHClientConnection, target: SshTarget, address: str
     ) -> AgentStream:
-        command = f"{target.agent_command} dial --socket {shlex.quote(target.socket)}"
+        command = f"{target.agent_command} dial --announce --socket {shlex.quote(target.socket)}"
         try:
             process = await conn.create_process(command, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             raise NodeUnreachable(target.host, _reason(target, exc)) from None
-        return AgentStream(process.stdout, process.stdin, address, "dial")
+        # `dial --announce` says one line once it reached the agent; anything else (it could
+        # not connect, or is not installed) ends with the reason on stderr.
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), DIAL_TIMEOUT_S)
+        except (TimeoutError, OSError, asyncssh.Error):
+            line = b""
+        if line == DIAL_OK:
+            return AgentStream(process.stdout, process.stdin, address, "dial")
+        process.close()
+        try:
+            err = await asyncio.wait_for(process.stderr.read(), 5)
+        except (TimeoutError, OSError, asyncssh.Error):
+            err = b""
+        said = [x for x in err.decode("utf-8", "replace").splitlines() if x.strip()]
+        reason = said[-1].strip() if said else f"`{command}` did not connect"
+        raise NodeUnreachable(target.host, _no_agent(target, reason))
 
     async def close(self) -> None:
         for conn in self._conns.values():
@@ -142,6 +191,13 @@ class SshPool:
         for conn in self._conns.values():
             await conn.wait_closed()
         self._conns.clear()
+
+
+def _no_agent(target: SshTarget, reason: str) -> str:
+    return (
+        f"no agent at {target.socket} ({reason}); start it there: "
+        "launch-agent serve (or deploy/install.sh)"
+    )
 
 
 def default_ssh_config() -> str | None:

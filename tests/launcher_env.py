@@ -23,10 +23,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agents import kill_jobs  # noqa: E402
+from agents import kill_jobs
 
-from launcher import holder  # noqa: E402
-from launcher import home as home_mod  # noqa: E402
+from launcher import holder
+from launcher import home as home_mod
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable  # the venv's interpreter: what every test job runs
@@ -56,7 +56,9 @@ class Result:
         return [line for line in self.err.splitlines() if line.strip()]
 
     def describe(self) -> str:
-        return f"launch {' '.join(self.args)} -> {self.code}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+        return (
+            f"launch {' '.join(self.args)} -> {self.code}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+        )
 
     def assert_clean_failure(self, code: int) -> str:
         """Exit `code`, no traceback anywhere, and exactly one error line; that line."""

@@ -35,8 +35,7 @@ def lh() -> Iterator[LaunchHome]:
 
 
 def submit(lh: LaunchHome, src: Path, *command: str, extra: tuple[str, ...] = ()) -> list[str]:
-    return ["submit", "--nodes", "2", "--no-login-shell", "--dir", str(src), *extra, "--",
-            *command]
+    return ["submit", "--nodes", "2", "--no-login-shell", "--dir", str(src), *extra, "--", *command]
 
 
 def status(lh: LaunchHome, job: str) -> dict:
@@ -151,9 +150,7 @@ time.sleep(300)
 """
 
 
-def test_json_status_ls_logs_and_cancel_of_a_running_job(
-    lh: LaunchHome, tmp_path: Path
-) -> None:
+def test_json_status_ls_logs_and_cancel_of_a_running_job(lh: LaunchHome, tmp_path: Path) -> None:
     src = write_tree(tmp_path / "src", {"sleeper.py": SLEEPER})
     r = lh.run(*submit(lh, src, PYTHON, "sleeper.py", extra=("--json",)))
     submitted = r.json()
@@ -203,9 +200,7 @@ def test_json_status_ls_logs_and_cancel_of_a_running_job(
     assert st["state"] == "cancelled"
     # No process of the job is left, the child it started included.
     assert wait_until(lambda: all(process_gone(*p) for p in procs), 10), procs
-    assert {row["job"]: row for row in lh.run("ls", "--json").json()}[job][
-        "state"
-    ] == "cancelled"
+    assert {row["job"]: row for row in lh.run("ls", "--json").json()}[job]["state"] == "cancelled"
 
 
 # ------------------------------------------------------------------------ upload economy

@@ -171,35 +171,39 @@ def test_submit_falls_back_to_dial_when_sshd_forbids_forwarding(
 ) -> None:
     hosts = HOSTS[:2]
     home = LaunchHome()
+    strict = sshd.SshServer(2, allow_forwarding=False)
     try:
-        with sshd.SshServer(2, allow_forwarding=False) as strict:
-            src = write_tree(
-                tmp_path / "src",
-                {
-                    "launch.toml": cluster_toml(
-                        hosts, cluster.factory.sock_dir, strict.ssh_config, "strict"
-                    ),
-                    "main.py": "import os\nprint('dialled', os.environ['NODE_RANK'])\n",
-                },
-            )
-            r = home.run("submit", "--no-login-shell", "--", PYTHON, "main.py", cwd=src)
-            assert r.code == 0, r.describe() + strict.log.read_text() + home.holder_log()
-            assert sorted(r.lines()) == ["[0] dialled 0", "[1] dialled 1"]
-            log = strict.log.read_text()
-            # The forwarding was refused, and the streams went through exec'd commands.
-            assert "Starting session: command" in log, log
-            st = home.run("status", job_of(r), "--json", cwd=src).json()
-            assert [n["state"] for n in st["nodes"]] == ["succeeded"] * 2
+        strict.start()
+        src = write_tree(
+            tmp_path / "src",
+            {
+                "launch.toml": cluster_toml(
+                    hosts, cluster.factory.sock_dir, strict.ssh_config, "strict"
+                ),
+                "main.py": "import os\nprint('dialled', os.environ['NODE_RANK'])\n",
+            },
+        )
+        # `dial` runs through root's shell rc on the node (pyenv here): allow it time.
+        r = home.run("submit", "--no-login-shell", "--", PYTHON, "main.py", cwd=src, timeout=240)
+        assert r.code == 0, r.describe() + strict.log.read_text() + home.holder_log()
+        assert sorted(r.lines()) == ["[0] dialled 0", "[1] dialled 1"]
+        log = strict.log.read_text()
+        # sshd refused the forwarding, and the streams went through `launch-agent dial`.
+        assert "but the request was denied" in log, log
+        assert "Starting session: command" in log, log
+        st = home.run("status", job_of(r), "--json", cwd=src).json()
+        assert [n["state"] for n in st["nodes"]] == ["succeeded"] * 2
     finally:
-        home.close()
+        try:
+            home.close()
+        finally:
+            strict.stop()
 
 
 # ------------------------------------------------------------------ failing closed
 
 
-def test_unknown_host_key_fails_closed_and_names_the_node(
-    cluster: Cluster, tmp_path: Path
-) -> None:
+def test_unknown_host_key_fails_closed_and_names_the_node(cluster: Cluster, tmp_path: Path) -> None:
     unknown = HOSTS[2]
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(
@@ -254,6 +258,19 @@ def test_one_agent_down_starts_nothing_and_nodes_shows_why(cluster: Cluster) -> 
         for host in (HOSTS[0], HOSTS[1], HOSTS[3]):
             assert by_name[host]["reachable"] is True
             assert by_name[host]["cpus"] >= 1
+
+        # A first contact (a fresh holder, which cannot yet tell a refused forward from a
+        # missing socket) asks the node through `launch-agent dial`, which names the cause.
+        fresh = LaunchHome()
+        try:
+            r = fresh.run(
+                "submit", "--no-login-shell", "--", PYTHON, "main.py", cwd=cluster.src, timeout=180
+            )
+            line = r.assert_clean_failure(4)
+            assert HOSTS[2] in line and "no agent at" in line, line
+            assert "cannot reach" in line, line
+        finally:
+            fresh.close()
     finally:
         down.start()
     assert cluster.agents[2].call("node_info")["cpus"] >= 1

@@ -89,7 +89,9 @@ class ConnectionPair:
         rid, data = self.client.send_request(method, params)
         return rid, self.deliver(self.client, data)
 
-    def respond(self, rid: int, result: Any = None, error: LaunchError | None = None) -> list[Event]:
+    def respond(
+        self, rid: int, result: Any = None, error: LaunchError | None = None
+    ) -> list[Event]:
         return self.deliver(self.server, self.server.send_response(rid, result, error))
 
     def hello(self) -> None:
@@ -100,8 +102,7 @@ class ConnectionPair:
         version = negotiate(events[0].params["version"])  # type: ignore[union-attr]
         result = {"version": version, "agent": "0.1.0", "node": "n1", "uid": 1000}
         assert self.respond(rid, result) == [Response(rid, None, result)]
-        assert self.client.state is State.OPEN
-        assert self.server.state is State.OPEN
+        assert (self.client.state, self.server.state) == (State.OPEN, State.OPEN)
         assert self.client.peer_version == version
 
 
@@ -353,9 +354,7 @@ def local_error(conn: Connection) -> None:
 
 @pytest.mark.parametrize("cause", [remote_error, local_error])
 @pytest.mark.parametrize("role", list(Role))
-def test_every_call_raises_after_an_error(
-    cause: Callable[[Connection], None], role: Role
-) -> None:
+def test_every_call_raises_after_an_error(cause: Callable[[Connection], None], role: Role) -> None:
     pair = ConnectionPair()
     pair.hello()
     conn = pair.client if role is Role.CLIENT else pair.server
@@ -515,7 +514,8 @@ def test_sending_an_oversized_message_is_a_local_error() -> None:
 def test_decoded_size_is_bounded_by_a_constant_factor() -> None:
     """msgpack turns 1 byte into up to ~72 bytes of Python objects (an empty array or map),
     so a frame of max_frame bytes costs at most about that many times max_frame in memory.
-    Measured: ~74x for a frame full of empty maps; 80x is the bound kept here."""
+    Measured: ~74x for a frame full of empty maps; 80x is the bound kept here. (This is why
+    the server reads with a small max_frame until hello has succeeded.)"""
     max_frame = 1 << 18
     n = max_frame - 16
     body = b"\x94\x00\x01\xa5hello\xdd" + struct.pack(">I", n) + b"\x80" * n
@@ -529,8 +529,8 @@ def test_decoded_size_is_bounded_by_a_constant_factor() -> None:
     finally:
         tracemalloc.stop()
     assert isinstance(event, Request)
-    assert 50 * max_frame < peak < 80 * max_frame
-    del event
+    assert event.params == [{}] * n
+    assert peak < 80 * max_frame
 
 
 # --------------------------------------------------------------------------- negotiate
@@ -644,8 +644,9 @@ EXT = st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8))
 def nested(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.recursive(
         leaves,
-        lambda inner: st.lists(inner, max_size=5)
-        | st.dictionaries(st.text(max_size=5), inner, max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=5)
+        ),
         max_leaves=20,
     )
 
@@ -660,27 +661,34 @@ WIRE_ERRORS = st.tuples(
     VALUES | st.lists(st.integers(0, 9) | st.text(max_size=3), min_size=2, max_size=2),
 ).map(list)
 PLAIN_VALUES = nested(SCALARS)
+HELLO = st.fixed_dictionaries({"version": VALUES})
+
+
+def array(*items: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    return st.tuples(*items).map(list)
+
+
 # Messages the protocol allows in some state (so the fuzz gets past the first frame) ...
 VALID = st.one_of(
-    st.tuples(st.just(0), st.integers(1, 6), st.just("hello"), st.just({"version": 1})),
-    st.tuples(st.just(0), st.integers(0, 6), st.text(max_size=5), PLAIN_VALUES),
-    st.tuples(st.just(1), st.integers(1, 5), st.none() | WIRE_ERRORS, PLAIN_VALUES),
-    st.tuples(st.just(1), st.just(1), st.none(), st.just({"version": 1})),
-    st.tuples(st.just(2), st.text(max_size=5), PLAIN_VALUES),
-).map(list)
+    array(st.just(0), st.integers(1, 6), st.just("hello"), st.just({"version": 1})),
+    array(st.just(0), st.integers(0, 6), st.text(max_size=5), PLAIN_VALUES),
+    array(st.just(1), st.integers(1, 5), st.none() | WIRE_ERRORS, PLAIN_VALUES),
+    array(st.just(1), st.just(1), st.none(), st.just({"version": 1})),
+    array(st.just(2), st.text(max_size=5), PLAIN_VALUES),
+)
 # ... and anything else.
 OTHER = st.one_of(
-    st.tuples(st.just(0), IDS, METHODS, VALUES).map(list),
-    st.tuples(st.just(0), IDS, st.just("hello"), st.fixed_dictionaries({"version": VALUES})).map(list),
-    st.tuples(st.just(1), IDS, st.none() | WIRE_ERRORS | VALUES, VALUES).map(list),
-    st.tuples(st.just(1), IDS, st.none(), st.fixed_dictionaries({"version": VALUES})).map(list),
-    st.tuples(st.just(2), METHODS, VALUES).map(list),
+    array(st.just(0), IDS, METHODS, VALUES),
+    array(st.just(0), IDS, st.just("hello"), HELLO),
+    array(st.just(1), IDS, st.none() | WIRE_ERRORS | VALUES, VALUES),
+    array(st.just(1), IDS, st.none(), HELLO),
+    array(st.just(2), METHODS, VALUES),
     st.lists(VALUES, max_size=5),
     VALUES,
 )
 MESSAGES = st.one_of(VALID, VALID, VALID, OTHER)
 PREFIXES = st.sampled_from(
-    [b"", b"\x92\x03", b"\x94\x00\x01\xa5hello", b"\x94\x00\x09\xa6status", b"\x93\x02\xa3log",
+    [b"", b"\x92\x03", b"\x94\x00\x01\xa5hello", b"\x94\x00\x08\xa6status", b"\x93\x02\xa3log",
      b"\x94\x01\x01\xc0", b"\x94\x01\x01", b"\x94\x01\x02\x93\x18\xa0"]
 )  # fmt: skip
 HUGE = st.sampled_from(
@@ -692,21 +700,35 @@ HUGE = st.sampled_from(
 
 @st.composite
 def bodies(draw: st.DrawFn, small: bool) -> bytes:
-    kinds = ["message"] * 5 + ["bytes", "deep", "huge", "truncated"] + ([] if small else ["big"])
+    kinds = ["message"] * 3 + ["deep", "huge"] * 2 + ["bytes", "truncated"]
+    kinds += [] if small else ["big"]
     kind = draw(st.sampled_from(kinds))
     if kind == "message":
-        return msgpack.packb(draw(MESSAGES), use_bin_type=True)
+        return bytes(msgpack.packb(draw(MESSAGES), use_bin_type=True))
     if kind == "bytes":
         return draw(st.binary(max_size=64))
     if kind == "deep":
-        depths = [10, 999, 1000, 1023, 1024, 1025] + ([] if small else [100_000])
+        # Up to 1023 levels decode; Python's repr() recursion limit is near 1000.
+        depths = [10, 1000, 1023, 1024] + ([] if small else [100_000])
         depth = draw(st.sampled_from(depths))
         opener = draw(st.sampled_from([b"\x91", b"\x81\xa0", b"\x92\xc0"]))
-        return draw(PREFIXES) + opener * depth + b"\xc0"
+        prefix, suffix = draw(
+            st.sampled_from(
+                [
+                    (b"", b""),
+                    (b"\x92\x03", b""),  # [3, deep]
+                    (b"\x94\x01\x01", b"\xc0"),  # a response whose error is deep
+                    (b"\x94\x01\x01\xc0", b""),  # a response whose result is deep
+                    (b"\x94\x00\x01\xa5hello", b""),
+                    (b"\x93\x02\xa3log", b""),
+                ]
+            )
+        )
+        return prefix + opener * depth + b"\xc0" + suffix
     if kind == "huge":
         return draw(PREFIXES) + draw(HUGE) + draw(st.binary(max_size=16))
     if kind == "truncated":
-        body = msgpack.packb(draw(MESSAGES), use_bin_type=True)
+        body = bytes(msgpack.packb(draw(MESSAGES), use_bin_type=True))
         return body[: draw(st.integers(0, max(0, len(body) - 1)))]
     # big: near the cap, one large value or many small ones
     size = draw(st.integers(1, FUZZ_MAX_FRAME - 64))
@@ -722,7 +744,8 @@ def bodies(draw: st.DrawFn, small: bool) -> bytes:
 @st.composite
 def streams(draw: st.DrawFn, small: bool = False) -> bytes:
     out = b""
-    for body in draw(st.lists(bodies(small), min_size=1, max_size=4)):
+    count = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    for body in draw(st.lists(bodies(small), min_size=count, max_size=count)):
         how = draw(st.sampled_from(["exact"] * 8 + ["short", "long"]))
         if how == "exact":
             out += frame(body)
@@ -808,7 +831,9 @@ def test_fuzz_byte_at_a_time_agrees(state: str, data: bytes) -> None:
 
 def test_fuzz_known_cases() -> None:
     # Cases that broke earlier versions: nesting deep enough for repr() to recurse, frames
-    # that msgpack refuses for reasons of its own, and huge announced lengths.
+    # that msgpack refuses for reasons of its own, and huge announced lengths. They run here,
+    # outside @given, because hypothesis raises the recursion limit while a test runs: under
+    # it a 1000-level repr() does not overflow, as it does in the agent.
     for state in ("server-greeting", "server-open", "client-hello-sent", "client-open"):
         for body in (
             b"\x92\x03" + b"\x91" * 1000 + b"\xc0",
