@@ -21,8 +21,8 @@ from typing import Any
 
 import psutil
 
-from agent import __version__
-from agent.jobs import JobManager
+from agent import __version__, patches
+from agent.jobs import JobManager, Owner
 from agent.paths import StatePaths
 from agent.protocol import messages as m
 from agent.protocol.errors import InvalidParams
@@ -34,6 +34,7 @@ from agent.store import Store
 Notify = Callable[[str, Any], Awaitable[None]]
 LOG_CHUNK = 256 * 1024
 LOG_POLL_S = 0.1
+GET_BLOBS_MAX = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,33 @@ async def cat(agent: Agent, caller: Caller, p: m.Cat, notify: Notify) -> Any:
     return {"id": object_id, "kind": object_kind(data), "data": data}
 
 
+async def patch_prepare(agent: Agent, caller: Caller, p: m.PatchPrepare, notify: Notify) -> Any:
+    author = f"{Owner.of(caller.uid).name}@{agent.hostname}"
+    return await patches.prepare(agent.jobs, agent.store, agent.revlog, p, caller.uid, author)
+
+
+async def patch_commit(agent: Agent, caller: Caller, p: m.PatchCommit, notify: Notify) -> Any:
+    return await patches.commit(agent.jobs, agent.revlog, p, caller.uid)
+
+
+async def patch_abort(agent: Agent, caller: Caller, p: m.PatchAbort, notify: Notify) -> Any:
+    return patches.abort(agent.jobs, p, caller.uid)
+
+
+async def get_blobs(agent: Agent, caller: Caller, p: m.GetBlobs, notify: Notify) -> Any:
+    """Stored blobs by id. Any local user may read blobs by id, as with `cat`: an id is
+    only known to whoever had the content (or its manifest) in the first place."""
+    total = 0
+    out: list[list[Any]] = []
+    for object_id in p.blobs:
+        data = await asyncio.to_thread(agent.store.get, check_object_id(object_id, "blob id"))
+        total += len(data)
+        if total > GET_BLOBS_MAX and out:
+            break  # the client asks again for the rest
+        out.append([object_id, data])
+    return {"blobs": out}
+
+
 HANDLERS: dict[str, Callable[[Agent, Caller, Any, Notify], Awaitable[Any]]] = {
     "hello": hello,
     "node_info": node_info,
@@ -240,5 +268,9 @@ HANDLERS: dict[str, Callable[[Agent, Caller, Any, Notify], Awaitable[Any]]] = {
     "logs": logs,
     "cat": cat,
     "revisions": revisions,
+    "patch_prepare": patch_prepare,
+    "patch_commit": patch_commit,
+    "patch_abort": patch_abort,
+    "get_blobs": get_blobs,
 }
 assert HANDLERS.keys() == m.METHODS.keys(), "every method has exactly one handler"

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from agent.codedir import read_staged
 from agent.paths import JobPaths, StatePaths, publish_json, read_json
 from agent.protocol.errors import JobNotFound, JobStateError, ObjectMissing, PermissionDenied
 from agent.protocol.messages import Prepare, Start
@@ -150,7 +151,7 @@ class JobManager:
             created_ns=now,
             login=p.login,
         )
-        self._publish_revision(paths, revision)
+        self.publish_revision(paths, revision)
         self.revlog.create_job(job, revision)
         return self._prepared(job)
 
@@ -173,7 +174,7 @@ class JobManager:
             "code_dir": str(self.paths(job.id).code),
         }
 
-    def _publish_revision(self, paths: JobPaths, revision: Revision) -> None:
+    def publish_revision(self, paths: JobPaths, revision: Revision) -> None:
         publish_json(
             paths.revision,
             {
@@ -285,7 +286,7 @@ class JobManager:
 
     def _watch(self, job_id: str, pid: int) -> None:
         """Call _on_shim_exit when the shim ends, through a pidfd on the event loop."""
-        self._ended.setdefault(job_id, asyncio.Event())
+        self._ended[job_id] = asyncio.Event()  # a fresh one: a restarted job ends anew
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -341,6 +342,38 @@ class JobManager:
                 shim.terminate()
         await self.wait_ended(job.id)
         return self.status(job.id)
+
+    async def restart(self, job_id: str, grace_s: int = 10) -> None:
+        """Stop the running job gracefully (SIGTERM, grace, SIGKILL), then start it again from
+        its head revision with LAUNCH_RESTART_COUNT one higher; a job that had ended simply
+        starts again (resume)."""
+        job = self.revlog.get(job_id)
+        if job.state == "running":
+            publish_json(self.paths(job_id).cancel, {"grace_s": max(0, grace_s)})
+            shim = self._live_shim(job)
+            if shim is not None:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    shim.terminate()
+            await self.wait_ended(job_id)
+        self.revlog.update(
+            job_id,
+            restart_count=job.restart_count + 1,
+            exit_code=None,
+            exit_signal=None,
+            ended_ns=None,
+        )
+        self._spawn(self.revlog.get(job_id))
+
+    def signal_job(self, job_id: str, signum: int) -> bool:
+        """Send signum to the job's main process group (the shim's direct child)."""
+        job = self.revlog.get(job_id)
+        shim = self._live_shim(job)
+        if shim is None:
+            return False
+        for child in shim.children():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signum)
+        return True
 
     def abort(self, job_ref: str, uid: int) -> dict[str, Any]:
         """Forget a job that was prepared but never started (the other phase failed)."""
@@ -417,6 +450,9 @@ class JobManager:
             "started_ns": job.started_ns,
             "ended_ns": job.ended_ns,
             "restart_count": job.restart_count,
+            "staged": staged.number if (staged := read_staged(self.paths(job.id))) else None,
+            "staged_bundle": staged.bundle if staged else None,
+            "env": job.env,
             "node": self.hostname,
         }
 

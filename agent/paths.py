@@ -15,6 +15,8 @@ Layout under the state directory:
         cancel.json        {grace_s} written by the agent before it signals the shim
         revision.json      LAUNCH_REVISION_FILE
         metrics.jsonl      LAUNCH_METRICS_FILE
+        staged/            the files of a prepared patch, renamed into code/ at commit
+        staged.json        what that patch is (published last: the prepare's commit point)
 """
 
 from __future__ import annotations
@@ -100,6 +102,15 @@ class JobPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def staged(self) -> Path:
+        """Files of a prepared patch, waiting for commit (same filesystem as code/)."""
+        return self.root / "staged"
+
+    @property
+    def staged_record(self) -> Path:
+        return self.root / "staged.json"
 
 
 def publish_json(path: Path, value: Any, mode: int = 0o644) -> None:

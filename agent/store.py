@@ -40,7 +40,7 @@ FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 COPY_THREADS = 4
 MIN_PREFIX = 4
 _HEX = frozenset("0123456789abcdef")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors the kernel gives when the tree clashes with itself or changes underneath us.
 _TREE_ERRNOS = {errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
@@ -257,7 +257,7 @@ class Store:
         root_fd = _open_dest(Path(dest))
         try:
             for parts in sorted({p[:n] for p in groups for n in range(1, len(p) + 1)}):
-                _mkdir(root_fd, parts)
+                make_dir(root_fd, parts)
             with ThreadPoolExecutor(COPY_THREADS) as pool:
                 futures = [
                     pool.submit(self._fill_dir, root_fd, parts, entries)
@@ -271,7 +271,7 @@ class Store:
     def _fill_dir(self, root_fd: int, parts: Sequence[str], entries: list[Entry]) -> None:
         """Create the files and symlinks of one directory, through a descriptor to it."""
         try:
-            dir_fd = _open_dir(root_fd, parts)
+            dir_fd = open_dir(root_fd, parts)
         except OSError as exc:
             raise _tree_error(exc, "/".join(parts)) from None
         try:
@@ -284,7 +284,7 @@ class Store:
             os.close(dir_fd)
 
     def _create(self, dir_fd: int, entry: Entry) -> None:
-        name = _component(entry.path.rsplit("/", 1)[-1])
+        name = safe_component(entry.path.rsplit("/", 1)[-1])
         if entry.kind == "symlink":
             assert entry.target is not None  # entry.check() guarantees it
             os.symlink(entry.target, name, dir_fd=dir_fd)
@@ -317,7 +317,7 @@ def _is_hex(name: str, length: int) -> bool:
 
 
 def _syncfs(path: str) -> None:
-    fd = os.open(path, _DIR_FLAGS)
+    fd = os.open(path, DIR_FLAGS)
     try:
         if _SYNCFS(fd) != 0:
             err = ctypes.get_errno()
@@ -327,14 +327,14 @@ def _syncfs(path: str) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, _DIR_FLAGS)
+    fd = os.open(path, DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _component(name: str) -> str:
+def safe_component(name: str) -> str:
     """One path component, safe to pass with dir_fd: never empty, '.', '..', '/' or NUL."""
     if name in ("", ".", "..") or "/" in name or "\x00" in name:
         raise InvalidManifest(f"unsafe path component {name!r}", name)
@@ -346,7 +346,7 @@ def _open_dest(dest: Path) -> int:
     with contextlib.suppress(FileExistsError):
         os.mkdir(dest, 0o755)
     try:
-        fd = os.open(dest, _DIR_FLAGS)
+        fd = os.open(dest, DIR_FLAGS)
     except OSError as exc:
         raise JobStateError(
             f"cannot materialise into {dest}: not a directory ({exc.strerror})", str(dest)
@@ -358,28 +358,28 @@ def _open_dest(dest: Path) -> int:
     return fd
 
 
-def _open_dir(root_fd: int, parts: Sequence[str]) -> int:
+def open_dir(root_fd: int, parts: Sequence[str]) -> int:
     """A new descriptor for root/parts, refusing any symlink on the way."""
     fd = os.dup(root_fd)
     for part in parts:
         try:
-            child = os.open(_component(part), _DIR_FLAGS, dir_fd=fd)
+            child = os.open(safe_component(part), DIR_FLAGS, dir_fd=fd)
         finally:
             os.close(fd)
         fd = child
     return fd
 
 
-def _mkdir(root_fd: int, parts: Sequence[str]) -> None:
+def make_dir(root_fd: int, parts: Sequence[str]) -> None:
     """Create root/parts (its parent exists); re-opened with O_NOFOLLOW to set its mode, so a
     swap in between fails rather than escapes."""
     try:
-        parent = _open_dir(root_fd, parts[:-1])
+        parent = open_dir(root_fd, parts[:-1])
         try:
-            os.mkdir(_component(parts[-1]), 0o755, dir_fd=parent)
+            os.mkdir(safe_component(parts[-1]), 0o755, dir_fd=parent)
         finally:
             os.close(parent)
-        fd = _open_dir(root_fd, parts)
+        fd = open_dir(root_fd, parts)
         try:
             os.fchmod(fd, 0o755)
         finally:

@@ -387,6 +387,140 @@ def nodes(
         render.nodes_table(rows)
 
 
+# ----------------------------------------------------------------------------- revisions
+
+
+@main.command()
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--all",
+    "all_files",
+    is_flag=True,
+    help="Every difference between the local tree and the job's head.",
+)
+@click.option("--job", "-j", "job", help="The job (default: the last one submitted from here).")
+@click.option("-m", "--message", default="", help="Why: kept with the revision.")
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Stop the job gracefully and start it again from the new revision, on all nodes together.",
+)
+@click.option(
+    "--signal",
+    "signal_name",
+    default="",
+    metavar="SIG",
+    help="Send SIG (e.g. SIGUSR1) to the job once the new files are live.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def patch(
+    files: tuple[Path, ...],
+    all_files: bool,
+    job: str | None,
+    message: str,
+    restart: bool,
+    signal_name: str,
+    as_json: bool,
+) -> None:
+    """Change the code of a running job: FILES as they are now become revision N+1 on every
+    node at once (a file that no longer exists is deleted).
+
+    \b
+    Two phases: every node stages the change, then every node makes it live by atomic
+    rename. A patch based on a head that moved meanwhile is refused (exit 3): see
+    `launch revisions`. Modules the job already imported keep running until it reloads
+    them or restarts (--restart).
+    """
+    from launcher import history, render
+
+    if restart and signal_name:
+        raise click.UsageError("give --restart or --signal, not both")
+    result = run(
+        history.patch(
+            job,
+            list(files),
+            all_files=all_files,
+            message=message,
+            signal=signal_name,
+            restart=restart,
+        )
+    )
+    if as_json:
+        render.print_json(result)
+    elif result.get("unchanged"):
+        click.echo(f"{result['job']}: nothing changed; still r{result['revision']}")
+    else:
+        click.echo(f"{result['job']}@r{result['revision']}: {', '.join(result['paths'])}")
+
+
+@main.command()
+@click.argument("job")
+@click.option(
+    "--code",
+    type=click.Path(path_type=Path),
+    help="Resume from this tree instead of the job's head.",
+)
+@click.option("-m", "--message", default="")
+def resume(job: str, code: Path | None, message: str) -> None:
+    """Start a stopped, failed, cancelled or lost JOB again on its nodes, as a new revision."""
+    from launcher import history
+
+    result = run(
+        history.patch(job, [], all_files=False, message=message, reason="resume", code=code)
+    )
+    click.echo(f"{result['job']}@r{result['revision']}: resumed")
+
+
+@main.command()
+@click.argument("job")
+def repair(job: str) -> None:
+    """Roll every node of JOB forward to the highest revision any node prepared."""
+    from launcher import history
+
+    result = run(history.repair(job))
+    for line in result["actions"] or ["all nodes agree"]:
+        click.echo(line)
+    click.echo(f"{result['job']} at r{result['revision']} on every node")
+
+
+@main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+def revisions(job: str, as_json: bool) -> None:
+    """JOB's history: one row per revision (reason, author, time, step, paths, nodes)."""
+    from launcher import history, render
+
+    rows = run(history.revisions(job))
+    if as_json:
+        render.print_json(rows)
+    else:
+        render.revisions_table(rows)
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("directory", type=click.Path(path_type=Path))
+def checkout(ref: str, directory: Path) -> None:
+    """Write exactly the tree of REF (JOB or JOB@rN) into DIRECTORY, verified byte for byte."""
+    from launcher import history
+
+    result = run(history.checkout(ref, directory))
+    click.echo(
+        f"{result['ref']}: {result['files']} files in {result['dir']} "
+        f"(bundle {result['bundle'][:12]})"
+    )
+
+
+@main.command(name="diff")
+@click.argument("ref_a")
+@click.argument("ref_b")
+def diff_cmd(ref_a: str, ref_b: str) -> None:
+    """A unified diff between two revisions, of one job or two (JOB@rN, or JOB for its head)."""
+    from launcher import history
+
+    sys.stdout.write(run(history.diff(ref_a, ref_b)))
+
+
 # ---------------------------------------------------------------------------- local agents
 
 

@@ -215,22 +215,39 @@ async def open_via_holder(sock: Path, target: dict[str, Any], node: str) -> tupl
 
 
 def start_holder(sock: Path, timeout: float = 10.0) -> None:
-    """Start the holder in the background (its own session) and wait until it answers."""
-    log_path = sock.with_suffix(".log")
-    with open(log_path, "ab") as out:
-        subprocess.Popen(
-            [sys.executable, "-m", "launcher.holder", str(sock)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Start the holder in the background (its own session) and wait until it answers.
+
+    Every node of a command (and every command running at once) finds the holder missing at
+    the same moment; under a lock file only the first starts one and the others wait for it.
+    Without the lock each started its own, the last took the socket and the pid file, and the
+    others were left running where nothing could find or stop them.
+    """
+    import fcntl
+
+    def answers() -> bool:
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
             probe.connect(str(sock))
+            return True
+        return False
+
+    log_path = sock.with_suffix(".log")
+    with open(sock.with_suffix(".lock"), "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if answers():
             return
-        time.sleep(0.02)
+        with open(log_path, "ab") as out:
+            subprocess.Popen(
+                [sys.executable, "-m", "launcher.holder", str(sock)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if answers():
+                return
+            time.sleep(0.02)
     raise NodeUnreachable("holder", f"did not start within {timeout:.0f} s; see {log_path}")
 
 

@@ -131,18 +131,8 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
     manifest: Manifest = frozen.manifest
     store = local_store()
     async with open_fleet(opts.nodes) as conns:
-        missing = await on_each(conns, lambda c: _put_manifest(c, manifest), "upload")
+        missing = await upload_bundle(conns, manifest, store, progress)
         sizes = {e.blob: e.size for e in manifest.entries}
-        total = sum(sizes[b] for ids in missing for b in ids)
-        progress.on_upload_start(total, sum(len(ids) for ids in missing))
-        try:
-            await on_each(
-                conns,
-                lambda c: _send_blobs(c, missing[c.rank], store, progress.on_upload),
-                "upload",
-            )
-        finally:
-            progress.on_upload_end()
         peers = [c.address for c in conns]
         params = {
             "job": job,
@@ -196,6 +186,27 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
         [sum(sizes[b] for b in m) for m in missing],
         frozen,
     )
+
+
+async def upload_bundle(
+    conns: list[NodeConn], manifest: Manifest, store: Any, progress: Progress | None = None
+) -> list[list[str]]:
+    """Give every node the manifest and the blobs it lacks (from the local store); returns
+    what each node lacked."""
+    progress = progress or Progress()
+    missing = await on_each(conns, lambda c: _put_manifest(c, manifest), "upload")
+    sizes = {e.blob: e.size for e in manifest.entries}
+    total = sum(sizes[b] for ids in missing for b in ids)
+    progress.on_upload_start(total, sum(len(ids) for ids in missing))
+    try:
+        await on_each(
+            conns,
+            lambda c: _send_blobs(c, missing[conns.index(c)], store, progress.on_upload),
+            "upload",
+        )
+    finally:
+        progress.on_upload_end()
+    return missing
 
 
 async def _put_manifest(conn: NodeConn, manifest: Manifest) -> list[str]:
@@ -394,13 +405,16 @@ async def status(ref: str) -> dict[str, Any]:
             else:
                 rows.append({**answer, "rank": rank, "node": node.name, "host": answer["node"]})
     revisions = {r.get("revision") for r in rows if "revision" in r}
+    # A patch staged but not committed everywhere (its launcher died between the phases)
+    # is a divergence too: `launch repair` finishes it.
+    staged = any(r.get("staged") is not None for r in rows)
     return {
         "job": record.id,
         "name": record.name,
         "argv": record.argv,
         "bundle": record.bundle,
         "nodes": rows,
-        "diverged": len(revisions) > 1,
+        "diverged": len(revisions) > 1 or staged,
         "state": overall_state(rows),
     }
 

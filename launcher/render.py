@@ -207,3 +207,21 @@ class UploadBar:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def revisions_table(rows: list[dict[str, Any]]) -> None:
+    table = Table()
+    for col in ("rev", "reason", "author", "time", "step", "paths", "message", "nodes"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            f"r{r['revision']}",
+            r["reason"],
+            r["author"],
+            r["at"][:19].replace("T", " "),
+            "" if r["step"] is None else str(r["step"]),
+            ", ".join(r["paths"][:4]) + (" ..." if len(r["paths"]) > 4 else ""),
+            r["message"],
+            str(len(r["nodes"])),
+        )
+    out.print(table)

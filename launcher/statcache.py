@@ -3,16 +3,16 @@
 Like git's index, the cache keeps one row for every path the last freeze looked at, in path
 order: the path's stat as it was just before the file was read (mode, size, mtime_ns, inode,
 ctime_ns), its kind, its blob (SHA-256), its git blob id (SHA-1 of git's `blob <size>\\0`
-header and the bytes, which tells a clean work tree without `git status`) and, for a symlink,
-its target. A path whose stat is unchanged is not read again. Paths that were left out (a
-deleted tracked file, a fifo) have a row without kind, so that the next freeze can go through
-the same list without asking where anything is.
+header and the bytes: it lets git vouch for a file, see launcher/freeze.py), for a symlink its
+target, and whether git vouched for it last time. A path whose stat is unchanged is not read
+again. Paths that were left out (a deleted tracked file, a fifo) have a row without kind, so
+that the next freeze can go through the same list without asking where anything is.
 
-Trust rule (git's "racy git" rule): a row is only used when the file's mtime is older than the
-moment the cache was written by more than RACY_NS. A file changed in the same clock tick as
-the stat that was cached can keep size, mtime and ctime; such a file is read again until its
-mtime is safely in the past. Rows that fail the rule are loaded without their stat. Whether a
-blob is still in the store is the caller's to check.
+Trust rule (git's "racy git" rule): a row's stat is only used when the file's mtime is older
+than the moment the cache was written by more than RACY_NS. A file changed in the same clock
+tick as the stat that was cached can keep size, mtime and ctime; such a file is read again
+until its mtime is safely in the past. Rows that fail the rule are loaded with an mtime of
+-1, which no stat matches. Whether a blob is still in the store is the caller's to check.
 
 Beside the rows the cache keeps one opaque value for freeze (`extra`: what git said last time,
 parsed), so that an unchanged tree is not parsed again.
@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 RACY_NS = 2_000_000_000  # git uses the index's own mtime; 2 s also absorbs small clock skew
 NO_BLOB = "0" * 64
 NO_GIT_BLOB = "0" * 40
@@ -44,6 +44,7 @@ _KIND_CODES = {"file": "f", "exec": "x", "symlink": "l", "": "-"}
 _KINDS = {code: kind for kind, code in _KIND_CODES.items()}
 
 Key = tuple[int, int, int, int, int]  # mode, size, mtime_ns, ino, ctime_ns
+NO_KEY: Key = (0, 0, 0, 0, 0)  # the key of a path left out: mode 0 matches nothing on disk
 
 
 def stat_key(st: os.stat_result) -> Key:
@@ -53,16 +54,17 @@ def stat_key(st: os.stat_result) -> Key:
 
 @dataclass
 class Table:
-    """Rows in path order, as parallel lists. `keys[i]` is None where the row may not be
-    trusted (racy, or no content: the path was left out); `kinds[i]` is "" for a path left
-    out. Git blob ids stay one string until asked for: a warm freeze rarely needs them."""
+    """Rows in path order, as parallel lists. `kinds[i]` is "" for a path left out (its key
+    is NO_KEY). Git blob ids stay one string until asked for: a warm freeze rarely needs
+    them. `vouched[i]`: git vouched for the row's bytes last time."""
 
     paths: list[str] = field(default_factory=list)
-    keys: Sequence[Key | None] = field(default_factory=list)
+    keys: Sequence[Key] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     blobs: list[str] = field(default_factory=list)
     git_blobs: str = ""
     targets: dict[str, str] = field(default_factory=dict)
+    vouched: Sequence[bool] = field(default_factory=list)
     _position: dict[str, int] | None = None
 
     def git_blob(self, i: int) -> str:
@@ -109,23 +111,21 @@ def load(path: Path | None, root: str) -> StatCache:
 def _decode(data: bytes, root: str) -> StatCache | None:
     raw = msgpack.unpackb(data, raw=False, use_list=False)
     fmt, cached_root, written_ns, bundle_id, paths, stats, kinds, blobs, git_blobs = raw[:9]
-    targets, extra = raw[9:]
+    targets, vouched, extra = raw[9:]
     if fmt != CACHE_FORMAT or cached_root != root or not isinstance(written_ns, int):
         return None
     names = paths.split("\0") if paths else []
     n = len(names)
-    if not (len(stats) == 5 * n == 5 * len(kinds) and len(blobs) == 64 * n):
+    if not (len(stats) == 5 * n == 5 * len(kinds) == 5 * len(vouched)):
         return None
-    if len(git_blobs) != 40 * n or len(targets) != kinds.count("l"):
+    if len(blobs) != 64 * n or len(git_blobs) != 40 * n or len(targets) != kinds.count("l"):
         return None
     racy_after = written_ns - RACY_NS
     keys = [
-        key if key[2] < racy_after and key[0] else None
+        key if key[2] < racy_after else (key[0], key[1], -1, key[3], key[4])
         for key in zip(*[iter(stats)] * 5, strict=True)
     ]
-    links = (
-        [name for name, code in zip(names, kinds, strict=True) if code == "l"] if targets else []
-    )
+    links = [name for name, code in zip(names, kinds, strict=True) if code == "l"]
     table = Table(
         names,
         keys,
@@ -133,6 +133,7 @@ def _decode(data: bytes, root: str) -> StatCache | None:
         [blobs[i : i + 64] for i in range(0, len(blobs), 64)],
         git_blobs,
         dict(zip(links, targets, strict=True)),
+        [flag == "1" for flag in vouched],
     )
     return StatCache(root, table, written_ns, bundle_id, extra)
 
@@ -143,11 +144,9 @@ def save(path: Path, root: str, table: Table, bundle_id: str | None, extra: Any 
     made of arrays, strings, bytes, integers, booleans and None."""
     stats: list[int] = []
     for key in table.keys:
-        stats.extend(key or (0, 0, 0, 0, 0))
+        stats.extend(key)
     kinds = "".join(_KIND_CODES[kind] for kind in table.kinds)
-    targets = [
-        table.targets[p] for p, k in zip(table.paths, table.kinds, strict=True) if k == "symlink"
-    ]
+    links = (p for p, k in zip(table.paths, table.kinds, strict=True) if k == "symlink")
     body: list[Any] = [
         CACHE_FORMAT,
         root,
@@ -158,7 +157,8 @@ def save(path: Path, root: str, table: Table, bundle_id: str | None, extra: Any 
         kinds,
         "".join(table.blobs),
         table.git_blobs,
-        targets,
+        [table.targets[p] for p in links],
+        "".join("1" if flag else "0" for flag in table.vouched),
         extra,
     ]
     data = msgpack.packb(body, use_bin_type=True)

@@ -100,6 +100,8 @@ class LaunchHome:
             "NO_COLOR": "1",
         }
         self.env.pop("FORCE_COLOR", None)
+        with home_env(self.path):  # where launcher.home puts the holder for this home
+            self._holder_socket = home_mod.holder_socket()
 
     def run(self, *args: str, cwd: Path | None = None, timeout: float = 90) -> Result:
         argv = [str(a) for a in args]
@@ -115,8 +117,7 @@ class LaunchHome:
         return Result(argv, proc.returncode, proc.stdout, proc.stderr)
 
     def holder_socket(self) -> Path:
-        with home_env(self.path):
-            return home_mod.holder_socket()
+        return self._holder_socket
 
     def holder_pid(self) -> int | None:
         pid_file = self.holder_socket().with_suffix(".pid")
@@ -124,6 +125,16 @@ class LaunchHome:
             return int(json.loads(pid_file.read_text())["pid"])
         except (FileNotFoundError, ValueError, KeyError):
             return None
+
+    def holder_processes(self) -> list[int]:
+        """Pids of every holder process serving this home's socket (to prove there is one)."""
+        sock = str(self.holder_socket())
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if sock in (proc.info["cmdline"] or []):
+                    found.append(proc.pid)
+        return found
 
     def holder_log(self) -> str:
         try:

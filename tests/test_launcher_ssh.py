@@ -112,7 +112,8 @@ def test_submit_on_four_nodes_over_ssh_and_connections_persist(cluster: Cluster)
     assert len(ports) == 1  # one rendezvous port for all
     job = job_of(r)
     holder = cluster.home.holder_pid()
-    assert holder is not None
+    # One holder for all four nodes, and it is the one whose pid was published.
+    assert holder is not None and cluster.home.holder_processes() == [holder]
 
     # The next commands make no SSH login: the holder kept the connections.
     logins = cluster.server.accepted()
@@ -284,8 +285,10 @@ def test_holder_is_stopped_by_its_published_pid(cluster: Cluster) -> None:
         assert r.code == 0, r.describe()
         pid = home.holder_pid()
         assert pid is not None
+        assert home.holder_processes() == [pid]  # the 4 nodes share one holder
         started = psutil.Process(pid).create_time()
     finally:
         home.close()
     assert process_gone(pid, started)
+    assert home.holder_processes() == []
     assert not home.path.exists()

@@ -138,6 +138,47 @@ class Revisions:
     job: str
 
 
+@dataclass(frozen=True)
+class PatchPrepare:
+    """Phase one of a patch: check `base` is still the head (else StaleRevision), that no
+    other patch is staged, that every object is here; stage the changed files.
+    Result: {revision, paths}. `reason` is "patch", "resume" or "drift"."""
+
+    job: str
+    base: int
+    bundle: str
+    author: str = ""
+    message: str = ""
+    reason: str = "patch"
+
+
+@dataclass(frozen=True)
+class PatchCommit:
+    """Phase two: swap the staged files into the live code directory and record the
+    revision; then send `signal` to the job, or restart it. Result: {revision, at_ns, paths}."""
+
+    job: str
+    revision: int
+    signal: str = ""
+    restart: bool = False
+    grace_s: int = 10
+
+
+@dataclass(frozen=True)
+class PatchAbort:
+    """Drop a staged patch (another node failed to prepare it). Result: {}."""
+
+    job: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class GetBlobs:
+    """Bytes of stored blobs, for checkout and diff. Result: {blobs: [[id, bytes]...]}."""
+
+    blobs: list[str]
+
+
 METHODS: dict[str, type] = {
     "hello": Hello,
     "node_info": NodeInfo,
@@ -153,6 +194,10 @@ METHODS: dict[str, type] = {
     "logs": Logs,
     "cat": Cat,
     "revisions": Revisions,
+    "patch_prepare": PatchPrepare,
+    "patch_commit": PatchCommit,
+    "patch_abort": PatchAbort,
+    "get_blobs": GetBlobs,
 }
 NOTIFICATIONS = ("log",)
 

@@ -1,0 +1,136 @@
+"""A job's live code directory and how a patch changes it, in two steps.
+
+`stage`: the files a patch adds or replaces are materialised from the store into staged/,
+beside code/ on the same filesystem; staged.json, published last, is the prepare's commit
+point, so a staged patch survives an agent restart and `launch repair` can finish it.
+`swap`: each staged file is renamed over its path in code/ and each deleted path unlinked.
+A rename is atomic per file: whatever the job opens after the swap is the new code, and no
+reader ever sees a half-written file. Every directory is walked by descriptor without
+following symlinks, as in the store, so a swap never writes outside code/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agent.paths import JobPaths, publish_json, read_json
+from agent.protocol.objects import Manifest
+from agent.store import DIR_FLAGS, Store, make_dir, open_dir, safe_component
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A prepared patch: revision `number` on top of `base`, not yet live."""
+
+    number: int
+    base: int
+    bundle: str
+    puts: list[str]
+    deletes: list[str]
+    author: str
+    message: str
+    staged_ns: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self.puts + self.deletes)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Staged:
+        return cls(**value)
+
+
+def read_staged(paths: JobPaths) -> Staged | None:
+    value = read_json(paths.staged_record)
+    return None if value is None else Staged.from_json(value)
+
+
+def stage(store: Store, paths: JobPaths, staged: Staged, manifest: Manifest) -> None:
+    """Materialise the files `staged.puts` of `manifest` into staged/, then publish the record."""
+    drop(paths)
+    wanted = set(staged.puts)
+    store.materialize(Manifest.of(e for e in manifest.entries if e.path in wanted), paths.staged)
+    publish_json(paths.staged_record, asdict(staged), mode=0o600)
+
+
+def drop(paths: JobPaths) -> None:
+    """Forget a staged patch (abort, or after its commit)."""
+    paths.staged_record.unlink(missing_ok=True)
+    shutil.rmtree(paths.staged, ignore_errors=True)
+
+
+def swap(paths: JobPaths, staged: Staged) -> None:
+    """Make the staged files live. Safe to repeat after a crash: a file already moved is
+    skipped, a path already deleted is fine."""
+    code_fd = os.open(paths.code, DIR_FLAGS)
+    try:
+        staged_fd = os.open(paths.staged, DIR_FLAGS) if paths.staged.exists() else None
+        try:
+            for path in staged.puts:
+                if staged_fd is not None:
+                    _move(staged_fd, code_fd, path.split("/"))
+            for path in staged.deletes:
+                _delete(code_fd, path.split("/"))
+        finally:
+            if staged_fd is not None:
+                os.close(staged_fd)
+    finally:
+        os.close(code_fd)
+    drop(paths)
+
+
+def _ensure_dir(root_fd: int, parts: list[str]) -> int:
+    for n in range(1, len(parts) + 1):
+        try:
+            os.close(open_dir(root_fd, parts[:n]))
+        except FileNotFoundError:
+            make_dir(root_fd, parts[:n])
+    return open_dir(root_fd, parts)
+
+
+def _move(staged_fd: int, code_fd: int, parts: list[str]) -> None:
+    name = safe_component(parts[-1])
+    try:
+        src = open_dir(staged_fd, parts[:-1])
+    except FileNotFoundError:
+        return  # moved by an earlier, interrupted swap
+    try:
+        dst = _ensure_dir(code_fd, parts[:-1])
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(name, name, src_dir_fd=src, dst_dir_fd=dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _delete(code_fd: int, parts: list[str]) -> None:
+    name = safe_component(parts[-1])
+    try:
+        parent = open_dir(code_fd, parts[:-1])
+    except FileNotFoundError:
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=parent)
+    finally:
+        os.close(parent)
+    # Directories left empty by the delete go too: a tree materialised from the new manifest
+    # would not have them.
+    for n in range(len(parts) - 1, 0, -1):
+        try:
+            parent = open_dir(code_fd, parts[: n - 1])
+        except FileNotFoundError:
+            return
+        try:
+            os.rmdir(safe_component(parts[n - 1]), dir_fd=parent)
+        except OSError:
+            return
+        finally:
+            os.close(parent)

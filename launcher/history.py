@@ -1,0 +1,373 @@
+"""Every change to a job's code is a revision: patch, resume and repair (which make them),
+revisions, checkout and diff (which read them back).
+
+A patch runs in two phases over all the job's nodes (invariant 2): prepare on node 0 first,
+which admits one patch per base revision and so settles races between launchers, then on the
+others; only when all have staged it, commit everywhere. If any node fails to prepare, the
+patch is aborted on every node and nothing changes. If the launcher dies between the phases,
+`status` shows the job diverged and `repair` rolls every node forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import difflib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.errors import (
+    ChecksumMismatch,
+    InvalidManifest,
+    InvalidParams,
+    JobNotFound,
+    JobStateError,
+    LaunchError,
+)
+from agent.protocol.objects import (
+    Entry,
+    Kind,
+    Manifest,
+    Revision,
+    apply_changes,
+    blob_id,
+    check_path,
+)
+from agent.protocol.objects import diff as tree_diff
+from launcher import home
+from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet
+from launcher.nodes import Node
+from launcher.ops import author, freeze_dir, local_store, upload_bundle
+from launcher.records import JobRecord, Records
+
+FETCH_BATCH = 16 * 2**20
+
+
+def find_job(ref: str | None) -> JobRecord:
+    """JOB by id, prefix or name; with no ref, the last job submitted from this directory."""
+    records = Records(home.records_path())
+    try:
+        return records.resolve(ref) if ref else records.last_from(Path.cwd())
+    finally:
+        records.close()
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """`JOB` (its head) or `JOB@rN`."""
+    job, sep, rev = ref.partition("@")
+    if not sep:
+        return job, None
+    if not (rev.startswith("r") and rev[1:].isdigit()):
+        raise InvalidParams(f"{ref!r}: a revision is written JOB@rN, e.g. {job}@r2")
+    return job, int(rev[1:])
+
+
+# ----------------------------------------------------------------------- objects
+
+
+async def manifest_of(conn: NodeConn, bundle: str) -> Manifest:
+    """A bundle's manifest, from the local store or else from the node (verified)."""
+    store = local_store()
+    if not store.has(bundle):
+        result = await conn.client.call("cat", {"id": bundle})
+        store.put(bundle, result["data"])
+    return store.get_manifest(bundle)  # type: ignore[no-any-return]
+
+
+async def fetch_blobs(conn: NodeConn, manifest: Manifest) -> None:
+    """Bring the blobs of `manifest` that the local store lacks from the node; each one is
+    verified against its id as the store takes it."""
+    store = local_store()
+    wanted = store.missing(manifest.blobs())
+    while wanted:
+        result = await conn.client.call("get_blobs", {"blobs": wanted[:4096]})
+        got = [(i, d) for i, d in result["blobs"]]
+        if not got:
+            raise JobStateError(f"{conn.name} could not supply blob {wanted[0][:12]}")
+        await asyncio.to_thread(store.put_many, got)
+        wanted = store.missing(wanted)
+
+
+def entry_for(root: Path, path: Path) -> tuple[str, Entry | None]:
+    """The manifest path of a local file and its new entry (None: it was deleted), with its
+    bytes stored locally."""
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    try:
+        rel = absolute.parent.resolve().joinpath(absolute.name).relative_to(root.resolve())
+    except ValueError:
+        raise InvalidParams(f"{path} is outside the job's source tree {root}") from None
+    name = check_path(rel.as_posix())
+    try:
+        st = absolute.lstat()
+    except FileNotFoundError:
+        return name, None
+    if stat.S_ISLNK(st.st_mode):
+        return name, Entry.symlink(name, os.readlink(absolute)).check()
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidParams(f"{path} is not a regular file or symlink")
+    data = absolute.read_bytes()
+    object_id = blob_id(data)
+    local_store().put(object_id, data)
+    kind: Kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
+    return name, Entry(name, kind, len(data), object_id)
+
+
+# ------------------------------------------------------------------------- patch
+
+
+async def patch(
+    ref: str | None,
+    files: list[Path],
+    *,
+    all_files: bool,
+    message: str = "",
+    signal: str = "",
+    restart: bool = False,
+    reason: str = "patch",
+    code: Path | None = None,
+) -> dict[str, Any]:
+    """Make the next revision of a job from local files and commit it on every node."""
+    record = find_job(ref)
+    root = Path(record.directory)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    store = local_store()
+    async with open_fleet(nodes) as conns:
+        head_status = await conns[0].client.call("status", {"job": record.id})
+        base, head_bundle = head_status["revision"], head_status["bundle"]
+        head = await manifest_of(conns[0], head_bundle)
+        if reason == "resume":
+            if any(
+                s["state"] in ("running", "prepared")
+                for s in await on_each(conns, lambda c: c.client.call("status", {"job": record.id}))
+            ):
+                raise JobStateError(
+                    f"job {record.id} is still running; to change its code "
+                    "use `launch patch --restart`",
+                    record.id,
+                )
+            new = freeze_dir(code).manifest if code else head
+        elif all_files:
+            new = (await asyncio.to_thread(freeze_dir, code or root)).manifest
+        else:
+            if not files:
+                raise InvalidParams("name the files to patch, or give --all")
+            puts, deletes = [], []
+            for path in files:
+                name, entry = entry_for(code or root, path)
+                if entry is None:
+                    deletes.append(name)
+                else:
+                    puts.append(entry)
+            new = apply_changes(head, puts, deletes)
+        changes = tree_diff(head, new)
+        if not changes and reason != "resume":
+            return {"job": record.id, "revision": base, "paths": [], "unchanged": True}
+        store.put_manifest(new)
+        await upload_bundle(conns, new, store)
+        params = {
+            "job": record.id,
+            "base": base,
+            "bundle": new.bundle_id,
+            "author": author(),
+            "message": message,
+            "reason": reason,
+        }
+        try:
+            first = await conns[0].client.call("patch_prepare", params)
+            await on_each(conns[1:], lambda c: c.client.call("patch_prepare", params), "prepare")
+        except BaseException:
+            await on_each_settled(
+                conns,
+                lambda c: c.client.call("patch_abort", {"job": record.id, "revision": base + 1}),
+            )
+            raise
+        number = first["revision"]
+        commit = {"job": record.id, "revision": number, "signal": signal, "restart": restart}
+        results = await on_each(conns, lambda c: c.client.call("patch_commit", commit), "commit")
+    return {
+        "job": record.id,
+        "revision": number,
+        "paths": [c.path for c in changes],
+        "at_ns": [r["at_ns"] for r in results],
+        "nodes": [n.name for n in nodes],
+    }
+
+
+async def repair(ref: str) -> dict[str, Any]:
+    """Roll every node forward to the highest revision any node prepared or committed."""
+    record = find_job(ref)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    async with open_fleet(nodes) as conns:
+        states = await on_each(conns, lambda c: c.client.call("status", {"job": record.id}))
+        target = max(max(s["revision"], s.get("staged") or -1) for s in states)
+        actions: list[str] = []
+        source = next(
+            c
+            for c, s in zip(conns, states, strict=True)
+            if s["revision"] == target or s.get("staged") == target
+        )
+        bundle = await _bundle_of(source, record.id, target, states[conns.index(source)])
+        for conn, st in zip(conns, states, strict=True):
+            if st["revision"] == target:
+                continue
+            if st.get("staged") != target:
+                if st["revision"] != target - 1:
+                    raise JobStateError(
+                        f"{conn.name} is at r{st['revision']}, more than one "
+                        f"revision behind r{target}: repair it by hand",
+                        record.id,
+                    )
+                manifest = await manifest_of(source, bundle)
+                await fetch_blobs(source, manifest)
+                await upload_bundle([conn], manifest, local_store())
+                await conn.client.call(
+                    "patch_prepare",
+                    {
+                        "job": record.id,
+                        "base": target - 1,
+                        "bundle": bundle,
+                        "author": author(),
+                        "message": "repair",
+                        "reason": "patch",
+                    },
+                )
+            await conn.client.call("patch_commit", {"job": record.id, "revision": target})
+            actions.append(f"{conn.name}: r{st['revision']} -> r{target}")
+    return {"job": record.id, "revision": target, "actions": actions}
+
+
+async def _bundle_of(conn: NodeConn, job: str, number: int, status: dict[str, Any]) -> str:
+    if status.get("staged") == number:
+        return str(status["staged_bundle"])
+    revs = await revisions_on(conn, job)
+    return next(r.bundle for r in revs if r.number == number)
+
+
+# ----------------------------------------------------------------------- reading
+
+
+async def revisions_on(conn: NodeConn, job: str) -> list[Revision]:
+    result = await conn.client.call("revisions", {"job": job})
+    return [Revision.decode(r) for r in result["revisions"]]
+
+
+async def revisions(ref: str) -> list[dict[str, Any]]:
+    """One row per revision, with the nodes that acknowledged it."""
+    record = find_job(ref)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    async with open_fleet(nodes) as conns:
+        per_node = await on_each_settled(conns, lambda c: revisions_on(c, record.id))
+    rows: dict[int, dict[str, Any]] = {}
+    for conn, revs in zip(conns, per_node, strict=True):
+        if isinstance(revs, LaunchError):
+            continue
+        for rev in revs:
+            row = rows.setdefault(rev.number, _revision_row(rev))
+            row["nodes"].append(conn.name)
+    return [rows[n] for n in sorted(rows)]
+
+
+def _revision_row(rev: Revision) -> dict[str, Any]:
+    at = datetime.datetime.fromtimestamp(rev.at_ns / 1e9, tz=datetime.UTC)
+    return {
+        "revision": rev.number,
+        "parent": rev.parent,
+        "bundle": rev.bundle,
+        "reason": rev.reason,
+        "author": rev.author,
+        "at": at.isoformat(),
+        "at_ns": rev.at_ns,
+        "step": rev.step,
+        "paths": list(rev.paths),
+        "message": rev.message,
+        "nodes": [],
+    }
+
+
+async def _with_tree(ref: str, use: Any) -> Any:
+    """Find the revision REF names on the job's node 0, bring its tree into the local store,
+    and call `use(revision, manifest)` while the connection is open."""
+    job_ref, number = parse_ref(ref)
+    record = find_job(job_ref)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    async with open_fleet(nodes[:1]) as conns:
+        conn = conns[0]
+        revs = await revisions_on(conn, record.id)
+        chosen = revs[-1] if number is None else next((r for r in revs if r.number == number), None)
+        if chosen is None:
+            raise JobNotFound(f"{record.id}@r{number}")
+        manifest = await manifest_of(conn, chosen.bundle)
+        await fetch_blobs(conn, manifest)
+        return await use(chosen, manifest)
+
+
+async def checkout(ref: str, dest: Path) -> dict[str, Any]:
+    """Write exactly the tree of REF into DEST (absent or empty), verified file by file."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise InvalidParams(f"{dest} exists and is not an empty directory: choose a new one")
+
+    async def write(rev: Revision, manifest: Manifest) -> dict[str, Any]:
+        if manifest.bundle_id != rev.bundle:
+            raise ChecksumMismatch(rev.bundle, manifest.bundle_id)
+        await asyncio.to_thread(local_store().materialize, manifest, dest)
+        await asyncio.to_thread(_verify_tree, manifest, dest)
+        return {"ref": rev.ref, "bundle": rev.bundle, "files": len(manifest), "dir": str(dest)}
+
+    return await _with_tree(ref, write)  # type: ignore[no-any-return]
+
+
+def _verify_tree(manifest: Manifest, dest: Path) -> None:
+    """Re-read what was written and compare with the manifest; then make files writable,
+    as a checkout a person will edit should be."""
+    for e in manifest.entries:
+        path = dest / e.path
+        if e.kind == "symlink":
+            if os.readlink(path) != e.target:
+                raise InvalidManifest(f"{e.path}: symlink differs after checkout", e.path)
+            continue
+        actual = blob_id(path.read_bytes())
+        if actual != e.blob:
+            raise ChecksumMismatch(e.blob, actual)
+        os.chmod(path, 0o755 if e.kind == "exec" else 0o644)
+
+
+async def diff(ref_a: str, ref_b: str) -> str:
+    """A unified diff between the trees of two revisions (of any jobs)."""
+    trees: list[tuple[Revision, Manifest]] = []
+    for ref in (ref_a, ref_b):
+
+        async def keep(rev: Revision, manifest: Manifest) -> None:
+            trees.append((rev, manifest))
+
+        await _with_tree(ref, keep)
+    (rev_a, a), (rev_b, b) = trees
+    store = local_store()
+    out: list[str] = []
+    for change in tree_diff(a, b):
+        old_text = _text(store, change.old)
+        new_text = _text(store, change.new)
+        label_a = f"{rev_a.ref}/{change.path}" if change.old else "/dev/null"
+        label_b = f"{rev_b.ref}/{change.path}" if change.new else "/dev/null"
+        if old_text is None or new_text is None:
+            out.append(f"Binary files {label_a} and {label_b} differ\n")
+            continue
+        out.extend(difflib.unified_diff(old_text, new_text, label_a, label_b))
+        if change.old and change.new and change.old.kind != change.new.kind:
+            out.append(f"mode: {change.old.kind} -> {change.new.kind}\n")
+    return "".join(out)
+
+
+def _text(store: Any, entry: Entry | None) -> list[str] | None:
+    if entry is None:
+        return []
+    if entry.kind == "symlink":
+        return [f"-> {entry.target}\n"]
+    data: bytes = store.get(entry.blob)
+    if b"\x00" in data[:8192]:
+        return None
+    try:
+        return data.decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError:
+        return None
