@@ -12,13 +12,18 @@ following symlinks, as in the store, so a swap never writes outside code/.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import stat
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent.paths import JobPaths, publish_json, read_json
-from agent.protocol.objects import Manifest
+from agent.protocol.errors import InvalidManifest
+from agent.protocol.objects import Entry, Kind, Manifest, blob_id
 from agent.store import DIR_FLAGS, Store, make_dir, open_dir, safe_component
 
 
@@ -134,3 +139,37 @@ def _delete(code_fd: int, parts: list[str]) -> None:
             return
         finally:
             os.close(parent)
+
+
+log = logging.getLogger("launch-agent")
+
+
+def scan(
+    code: Path, known: Callable[[str], bool] = lambda blob: False
+) -> tuple[Manifest, list[tuple[str, bytes]]]:
+    """The tree now in `code` as a manifest, and the bytes of each blob `known` says the store
+    lacks. Used to freeze a hand edit (drift). Symlinks are not followed; an entry that breaks
+    the path grammar (a symlink leaving the tree) is left out and logged."""
+    entries: list[Entry] = []
+    blobs: list[tuple[str, bytes]] = []
+    for dirpath, dirnames, filenames in os.walk(code):
+        for name in sorted(
+            filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        ):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, code).replace(os.sep, "/")
+            try:
+                st = os.lstat(full)
+                if stat.S_ISLNK(st.st_mode):
+                    entries.append(Entry.symlink(rel, os.readlink(full)).check())
+                elif stat.S_ISREG(st.st_mode):
+                    with open(full, "rb") as f:
+                        data = f.read()
+                    object_id = blob_id(data)
+                    kind: Kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
+                    entries.append(Entry(rel, kind, len(data), object_id).check())
+                    if not known(object_id):
+                        blobs.append((object_id, data))
+            except (OSError, InvalidManifest) as exc:
+                log.warning("drift scan of %s: left out %s: %s", code, rel, exc)
+    return Manifest.of(entries), blobs

@@ -85,6 +85,12 @@ async def run_agent(config: Config) -> None:
     agent = Agent(
         state=state, store=store, revlog=revlog, jobs=jobs, hostname=hostname, system=config.system
     )
+    from agent import patches
+    from agent.watcher import DriftWatcher
+
+    drift = DriftWatcher(lambda job_id: patches.check_drift(jobs, store, revlog, job_id))
+    jobs.on_running = drift.watch
+    jobs.on_ended = drift.unwatch
     counts = jobs.recover()
     log.info("recovered jobs: %s", counts)
     sock = bind_socket(config.socket, 0o666 if config.system else 0o600)
@@ -97,12 +103,14 @@ async def run_agent(config: Config) -> None:
             server = tg.create_task(serve(agent, sock, None if config.system else os.geteuid()))
             interval = watchdog_interval()
             pinger = tg.create_task(_watchdog(interval)) if interval else None
+            watching = tg.create_task(drift.run())
             mode = "system" if config.system else "user"
             log.info("serving on %s (%s mode, state %s)", config.socket, mode, config.state)
             sd_notify(f"READY=1\nSTATUS=serving on {config.socket}\nMAINPID={os.getpid()}")
             await stop.wait()
             sd_notify("STOPPING=1")
             server.cancel()
+            watching.cancel()
             if pinger:
                 pinger.cancel()
     finally:

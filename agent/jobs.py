@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,14 @@ class JobManager:
         self._pidfds: dict[str, int] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._preparing: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Set by the daemon (the drift watcher): told when a job runs and when it ends.
+        self.on_running: Callable[[str, Path], None] = lambda job_id, code: None
+        self.on_ended: Callable[[str], None] = lambda job_id: None
+
+    def lock(self, job_id: str) -> asyncio.Lock:
+        """Held while a job's code directory changes (patch commit, drift check)."""
+        return self._locks.setdefault(job_id, asyncio.Lock())
 
     # ----------------------------------------------------------------------- access
 
@@ -294,8 +303,10 @@ class JobManager:
             return
         self._pidfds[job_id] = fd
         asyncio.get_running_loop().add_reader(fd, self._on_shim_exit, job_id)
+        self.on_running(job_id, self.paths(job_id).code)
 
     def _on_shim_exit(self, job_id: str) -> None:
+        self.on_ended(job_id)
         fd = self._pidfds.pop(job_id, None)
         if fd is not None:
             asyncio.get_running_loop().remove_reader(fd)

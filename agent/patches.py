@@ -77,29 +77,91 @@ async def commit(jobs: JobManager, revlog: RevLog, p: m.PatchCommit, uid: int) -
             return {"revision": rev.number, "at_ns": rev.at_ns, "paths": list(rev.paths)}
         raise JobStateError(f"job {job.id} has no staged revision r{p.revision}", job.id)
     signum = _signal_number(p.signal) if p.signal else None
-    await asyncio.to_thread(codedir.swap, paths, staged)
-    at_ns = time.time_ns()
-    revision = Revision(
-        job=job.id,
-        number=staged.number,
-        parent=staged.base,
-        bundle=staged.bundle,
-        reason=staged.options.get("reason", "patch"),
-        author=staged.author,
-        at_ns=at_ns,
-        paths=tuple(staged.paths),
-        message=staged.message,
-        step=last_step(paths),
-        source=revlog.head(job.id).source,
-    ).check()
-    revlog.append_revision(revision)
-    jobs.publish_revision(paths, revision)
-    _log_marker(paths, revision)
+    async with jobs.lock(job.id):
+        head = revlog.head(job.id)
+        if head.number != staged.base:  # the code changed meanwhile (drift): refuse cleanly
+            codedir.drop(paths)
+            raise StaleRevision(staged.base, head.number)
+        await asyncio.to_thread(codedir.swap, paths, staged)
+        revision = record(
+            jobs,
+            revlog,
+            job.id,
+            staged.number,
+            staged.bundle,
+            staged.options.get("reason", "patch"),
+            staged.author,
+            tuple(staged.paths),
+            staged.message,
+        )
+    at_ns = revision.at_ns
     if p.restart or revision.reason == "resume":
         await jobs.restart(job.id, p.grace_s)
     elif signum is not None:
         jobs.signal_job(job.id, signum)
     return {"revision": revision.number, "at_ns": at_ns, "paths": list(revision.paths)}
+
+
+def record(
+    jobs: JobManager,
+    revlog: RevLog,
+    job_id: str,
+    number: int,
+    bundle: str,
+    reason: str,
+    author: str,
+    changed: tuple[str, ...],
+    message: str,
+) -> Revision:
+    """Append revision `number` (its parent the current head, by compare-and-swap), then
+    tell the job: its revision file, and a marker line in its log."""
+    paths = jobs.paths(job_id)
+    head = revlog.head(job_id)
+    revision = Revision(
+        job=job_id,
+        number=number,
+        parent=number - 1,
+        bundle=bundle,
+        reason=reason,
+        author=author,
+        at_ns=time.time_ns(),
+        paths=changed,
+        message=message,
+        step=last_step(paths),
+        source=head.source,
+    ).check()
+    revlog.append_revision(revision)
+    jobs.publish_revision(paths, revision)
+    _log_marker(paths, revision)
+    return revision
+
+
+async def check_drift(jobs: JobManager, store: Store, revlog: RevLog, job_id: str) -> None:
+    """If the live code directory no longer matches the head, freeze what is there into the
+    store and record it as a revision with reason drift: the history never misses a change."""
+    async with jobs.lock(job_id):
+        job = revlog.get(job_id)
+        if not job.active or codedir.read_staged(jobs.paths(job_id)) is not None:
+            return  # a staged patch is about to change the tree; look again after it
+        paths = jobs.paths(job_id)
+        head = revlog.head(job_id)
+        manifest, blobs = await asyncio.to_thread(codedir.scan, paths.code, store.has)
+        if manifest.bundle_id == head.bundle:
+            return
+        await asyncio.to_thread(store.put_many, blobs)
+        store.put_manifest(manifest)
+        changed = tuple(c.path for c in diff(store.get_manifest(head.bundle), manifest))
+        record(
+            jobs,
+            revlog,
+            job_id,
+            head.number + 1,
+            manifest.bundle_id,
+            "drift",
+            f"unknown@{jobs.hostname}",
+            changed,
+            "changed on the node, not through launch",
+        )
 
 
 def abort(jobs: JobManager, p: m.PatchAbort, uid: int) -> dict[str, Any]:

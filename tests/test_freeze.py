@@ -390,10 +390,11 @@ def test_a_changed_file_is_the_only_one_read_again(tree: Path, tmp_path: Path, s
     second = freeze(tree, store, cache_path=cache)
     assert (second.files_read, second.bytes_read) == (1, len("# changed\n"))
     assert [c.path for c in diff(first.manifest, second.manifest)] == ["pkg/m7.py"]
-    os.utime(tree / "train.py")  # touched, same bytes: read again, same bundle
-    os.utime(tree / "train.py", (HOUR_AGO, HOUR_AGO + 1))
+    os.utime(tree / "train.py", (HOUR_AGO, HOUR_AGO + 1))  # touched, same bytes
     third = freeze(tree, store, cache_path=cache)
-    assert third.files_read == 1 and third.bundle_id == second.bundle_id
+    # Read again, unless git vouches for the bytes (it compared them with its index).
+    assert third.files_read == (0 if (tree / ".git").exists() else 1)
+    assert third.bundle_id == second.bundle_id
 
 
 def test_added_and_removed_files_with_a_warm_cache(tree: Path, tmp_path: Path, store: Store) -> None:
@@ -418,7 +419,7 @@ def test_a_file_changed_just_now_is_not_trusted(tmp_path: Path, store: Store) ->
     again = freeze(root, store, cache_path=cache)
     assert again.files_read == 1  # b.py: its mtime is too close to the cache's write
     table = statcache.load(cache, str(root)).table
-    trusted = dict(zip(table.paths, (key is not None for key in table.keys), strict=True))
+    trusted = dict(zip(table.paths, (key[2] != -1 for key in table.keys), strict=True))
     assert trusted == {"a.py": True, "b.py": False}
 
 
