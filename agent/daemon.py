@@ -85,12 +85,24 @@ async def run_agent(config: Config) -> None:
     agent = Agent(
         state=state, store=store, revlog=revlog, jobs=jobs, hostname=hostname, system=config.system
     )
-    from agent import patches
-    from agent.watcher import DriftWatcher
+    from agent import metrics, patches
+    from agent.watcher import METRICS, DriftWatcher
 
-    drift = DriftWatcher(lambda job_id: patches.check_drift(jobs, store, revlog, job_id))
-    jobs.on_running = drift.watch
-    jobs.on_ended = drift.unwatch
+    async def on_change(key: str) -> None:
+        if key.startswith(METRICS):
+            job_id = key.removeprefix(METRICS)
+            metrics.ingest(revlog, state.job(job_id), job_id)
+        else:
+            await patches.check_drift(jobs, store, revlog, key)
+
+    def on_ended(job_id: str) -> None:
+        drift.unwatch(job_id)
+        metrics.ingest(revlog, state.job(job_id), job_id)
+
+    drift = DriftWatcher(on_change)
+    jobs.on_running = lambda job_id, paths: drift.watch(job_id, paths.code, paths.metrics_dir)
+    jobs.on_ended = on_ended
+    install_runtime(state)
     counts = jobs.recover()
     log.info("recovered jobs: %s", counts)
     sock = bind_socket(config.socket, 0o666 if config.system else 0o600)
@@ -119,6 +131,19 @@ async def run_agent(config: Config) -> None:
         sock.close()
         jobs.close()
         revlog.close()
+
+
+def install_runtime(state: StatePaths) -> None:
+    """Put launch_runtime.py (agent/runtime.py, standard library only) where every job's
+    PYTHONPATH finds it, readable by all: a job imports it whatever its Python."""
+    source = Path(__file__).with_name("runtime.py").read_bytes()
+    state.runtime.mkdir(mode=0o755, exist_ok=True)
+    target = state.runtime / "launch_runtime.py"
+    if not target.exists() or target.read_bytes() != source:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(source)
+        tmp.chmod(0o644)
+        tmp.replace(target)
 
 
 async def _watchdog(interval: float) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from agent import __version__, patches
+from agent import metrics as metrics_mod
 from agent.jobs import JobManager, Owner
 from agent.paths import StatePaths
 from agent.protocol import messages as m
@@ -253,6 +254,12 @@ async def get_blobs(agent: Agent, caller: Caller, p: m.GetBlobs, notify: Notify)
     return {"blobs": out}
 
 
+async def metrics(agent: Agent, caller: Caller, p: m.Metrics, notify: Notify) -> Any:
+    job = agent.jobs.owned(p.job, caller.uid)
+    metrics_mod.ingest(agent.revlog, agent.jobs.paths(job.id), job.id)
+    return metrics_mod.series(agent.revlog, job.id, p.buckets)
+
+
 HANDLERS: dict[str, Callable[[Agent, Caller, Any, Notify], Awaitable[Any]]] = {
     "hello": hello,
     "node_info": node_info,
@@ -272,5 +279,6 @@ HANDLERS: dict[str, Callable[[Agent, Caller, Any, Notify], Awaitable[Any]]] = {
     "patch_commit": patch_commit,
     "patch_abort": patch_abort,
     "get_blobs": get_blobs,
+    "metrics": metrics,
 }
 assert HANDLERS.keys() == m.METHODS.keys(), "every method has exactly one handler"

@@ -28,7 +28,13 @@ import psutil
 
 from agent.codedir import read_staged
 from agent.paths import JobPaths, StatePaths, publish_json, read_json
-from agent.protocol.errors import JobNotFound, JobStateError, ObjectMissing, PermissionDenied
+from agent.protocol.errors import (
+    InvalidParams,
+    JobNotFound,
+    JobStateError,
+    ObjectMissing,
+    PermissionDenied,
+)
 from agent.protocol.messages import Prepare, Start
 from agent.protocol.objects import Manifest, Revision, Source
 from agent.revlog import Job, RevLog
@@ -78,7 +84,7 @@ class JobManager:
         self._preparing: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         # Set by the daemon (the drift watcher): told when a job runs and when it ends.
-        self.on_running: Callable[[str, Path], None] = lambda job_id, code: None
+        self.on_running: Callable[[str, JobPaths], None] = lambda job_id, paths: None
         self.on_ended: Callable[[str], None] = lambda job_id: None
 
     def lock(self, job_id: str) -> asyncio.Lock:
@@ -117,6 +123,8 @@ class JobManager:
                 return self._prepared(existing)
             raise JobStateError(f"job {p.job} already exists here ({existing.state})", p.job)
 
+        if p.reason not in ("submit", "rerun"):
+            raise InvalidParams(f"prepare: reason {p.reason!r} is not submit or rerun", p.job)
         owner = Owner.of(uid)
         manifest = self.store.get_manifest(p.bundle)
         missing = self.store.missing(manifest.blobs())
@@ -131,14 +139,15 @@ class JobManager:
         finally:
             self._preparing.discard(p.job)
         if self.is_root:
-            os.chown(paths.outputs, owner.uid, owner.gid)
+            for owned in (paths.outputs, paths.metrics_dir):
+                os.chown(owned, owner.uid, owner.gid)
         now = time.time_ns()
         revision = Revision(
             job=p.job,
             number=0,
             parent=None,
             bundle=p.bundle,
-            reason="submit",
+            reason=p.reason,
             author=p.author or f"{owner.name}@{self.hostname}",
             at_ns=now,
             paths=(),
@@ -174,6 +183,7 @@ class JobManager:
         self.store.materialize(manifest, staging)
         staging.rename(paths.code)
         paths.outputs.mkdir(mode=0o755)
+        paths.metrics_dir.mkdir(mode=0o755)
 
     def _prepared(self, job: Job) -> dict[str, Any]:
         return {
@@ -288,8 +298,10 @@ class JobManager:
             "PET_NNODES": str(job.nnodes),
             "PET_NODE_RANK": str(job.rank),
         }
-        # Live logs by default; a submitter may still choose otherwise with --env.
-        return {"PYTHONUNBUFFERED": "1", **job.env, **ours}
+        # Live logs by default; a submitter may still choose otherwise with --env. The
+        # runtime helper (launch_runtime) is importable, before the submitter's own path.
+        pythonpath = ":".join(p for p in (str(self.state.runtime), job.env.get("PYTHONPATH")) if p)
+        return {"PYTHONUNBUFFERED": "1", **job.env, "PYTHONPATH": pythonpath, **ours}
 
     # ------------------------------------------------------------------- ending
 
@@ -303,7 +315,7 @@ class JobManager:
             return
         self._pidfds[job_id] = fd
         asyncio.get_running_loop().add_reader(fd, self._on_shim_exit, job_id)
-        self.on_running(job_id, self.paths(job_id).code)
+        self.on_running(job_id, self.paths(job_id))
 
     def _on_shim_exit(self, job_id: str) -> None:
         self.on_ended(job_id)
@@ -464,6 +476,7 @@ class JobManager:
             "staged": staged.number if (staged := read_staged(self.paths(job.id))) else None,
             "staged_bundle": staged.bundle if staged else None,
             "env": job.env,
+            "login": job.login,
             "node": self.hostname,
         }
 

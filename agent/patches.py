@@ -17,7 +17,7 @@ import signal
 import time
 from typing import Any
 
-from agent import codedir
+from agent import codedir, metrics
 from agent.codedir import Staged
 from agent.jobs import JobManager
 from agent.paths import JobPaths
@@ -116,6 +116,7 @@ def record(
     """Append revision `number` (its parent the current head, by compare-and-swap), then
     tell the job: its revision file, and a marker line in its log."""
     paths = jobs.paths(job_id)
+    metrics.ingest(revlog, paths, job_id)  # points written so far belong to the old revision
     head = revlog.head(job_id)
     revision = Revision(
         job=job_id,
@@ -168,7 +169,11 @@ def abort(jobs: JobManager, p: m.PatchAbort, uid: int) -> dict[str, Any]:
     job = jobs.owned(p.job, uid)
     paths = jobs.paths(job.id)
     staged = codedir.read_staged(paths)
-    if staged is not None and staged.number == p.revision:
+    if (
+        staged is not None
+        and staged.number == p.revision
+        and (not p.bundle or p.bundle == staged.bundle)
+    ):
         codedir.drop(paths)
     return {}
 

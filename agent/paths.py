@@ -14,7 +14,7 @@ Layout under the state directory:
         exit.json          {code, signal, cancelled} published by the shim at the end
         cancel.json        {grace_s} written by the agent before it signals the shim
         revision.json      LAUNCH_REVISION_FILE
-        metrics.jsonl      LAUNCH_METRICS_FILE
+        metrics/metrics.jsonl   LAUNCH_METRICS_FILE
         staged/            the files of a prepared patch, renamed into code/ at commit
         staged.json        what that patch is (published last: the prepare's commit point)
 """
@@ -54,6 +54,11 @@ class StatePaths:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs"
+
+    @property
+    def runtime(self) -> Path:
+        """Where the agent puts launch_runtime.py, on every job's PYTHONPATH."""
+        return self.root / "runtime"
 
     def job(self, job: str) -> JobPaths:
         return JobPaths(self.jobs / check_job_id(job))
@@ -100,8 +105,14 @@ class JobPaths:
         return self.root / "revision.json"
 
     @property
+    def metrics_dir(self) -> Path:
+        """Owned by the job's user, who appends to the metrics file; a directory of its own so
+        the agent can watch it without waking on every log write."""
+        return self.root / "metrics"
+
+    @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.metrics_dir / "metrics.jsonl"
 
     @property
     def staged(self) -> Path:

@@ -44,13 +44,24 @@ CREATE TABLE IF NOT EXISTS jobs (
     restart_count INTEGER NOT NULL DEFAULT 0,
     master_addr TEXT,
     master_port INTEGER,
-    login INTEGER NOT NULL DEFAULT 1
+    login INTEGER NOT NULL DEFAULT 1,
+    metrics_offset INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS revisions (
     job TEXT NOT NULL REFERENCES jobs(id),
     number INTEGER NOT NULL,
     record BLOB NOT NULL,
     PRIMARY KEY (job, number)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    job TEXT NOT NULL REFERENCES jobs(id),
+    seq INTEGER NOT NULL,
+    at_ns INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    restart INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job, seq)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -89,6 +100,7 @@ class Job:
     master_addr: str | None = None
     master_port: int | None = None
     login: bool = True
+    metrics_offset: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -207,6 +219,32 @@ class RevLog:
 
     def head(self, job_id: str) -> Revision:
         return self.revision(job_id, self.get(job_id).head)
+
+    # ----------------------------------------------------------------------- metrics
+
+    def add_metrics(
+        self, job_id: str, points: list[tuple[int, int, int, int, bytes]], offset: int
+    ) -> None:
+        """Append (at_ns, step, revision, restart, data) points read up to byte `offset` of
+        the job's metrics file; old points are never overwritten."""
+        with self._transaction():
+            row = self.db.execute(
+                "SELECT COALESCE(MAX(seq), -1) FROM metrics WHERE job=?", (job_id,)
+            ).fetchone()
+            seq = row[0] + 1
+            self.db.executemany(
+                "INSERT INTO metrics (job, seq, at_ns, step, revision, restart, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(job_id, seq + i, *point) for i, point in enumerate(points)],
+            )
+            self.db.execute("UPDATE jobs SET metrics_offset=? WHERE id=?", (offset, job_id))
+
+    def metrics(self, job_id: str) -> list[tuple[int, int, int, int, bytes]]:
+        rows = self.db.execute(
+            "SELECT at_ns, step, revision, restart, data FROM metrics WHERE job=? ORDER BY seq",
+            (job_id,),
+        )
+        return [tuple(r) for r in rows]
 
     # ------------------------------------------------------------------------ events
 

@@ -143,6 +143,10 @@ async def _drive(
         try:
             while True:
                 data = await reader.read(READ_SIZE)
+                # hello may have been answered (by its task) while we waited: lift the limit
+                # before these bytes are judged, or the first large request is refused.
+                if rpc.state is State.OPEN:
+                    rpc.max_frame = DEFAULT_MAX_FRAME
                 rpc.receive_data(data)
                 while True:
                     event = rpc.next_event()
@@ -156,8 +160,6 @@ async def _drive(
                         task.add_done_callback(tasks.discard)
                     # Clients send no notifications and no responses; the Connection refuses
                     # responses, and notifications are ignored.
-                if rpc.state is State.OPEN:
-                    rpc.max_frame = DEFAULT_MAX_FRAME
         finally:
             # The peer is gone or broke the protocol: nobody is left to answer.
             for task in tasks:

@@ -1,5 +1,6 @@
 """Drift: the agent watches the code directory of every running job, so that a change made
-there by any other means (someone edited a file on the node) becomes a revision.
+there by any other means (someone edited a file on the node) becomes a revision. It also
+watches each job's metrics directory, so reported steps are read as they are written.
 
 One watchdog Observer (inotify; its thread blocks in the kernel, so nothing runs while nothing
 changes) watches all code directories, for writes, creations, deletions and moves only: a job
@@ -35,6 +36,8 @@ from watchdog.observers.api import ObservedWatch
 
 log = logging.getLogger("launch-agent")
 
+# Keys of metrics watches: the job id after this prefix.
+METRICS = "metrics:"
 CHANGES: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileDeletedEvent,
@@ -59,7 +62,7 @@ class _Handler(FileSystemEventHandler):
 
 
 class DriftWatcher:
-    def __init__(self, check: Callable[[str], Awaitable[None]], debounce_s: float = 0.3) -> None:
+    def __init__(self, check: Callable[[str], Awaitable[None]], debounce_s: float = 0.2) -> None:
         self.check = check
         self.debounce_s = debounce_s
         self.loop = asyncio.get_running_loop()
@@ -67,20 +70,23 @@ class DriftWatcher:
         self.observer = Observer()
         self.watches: dict[str, ObservedWatch] = {}
 
-    def watch(self, job_id: str, code: Path) -> None:
+    def watch(self, job_id: str, code: Path, metrics_dir: Path) -> None:
+        """Watch a running job: its code directory (drift) and its metrics directory."""
         self.unwatch(job_id)
-        try:
-            self.watches[job_id] = self.observer.schedule(
-                _Handler(self, job_id), str(code), recursive=True, event_filter=CHANGES
-            )
-        except OSError as exc:  # e.g. the inotify watch limit: say so, keep serving
-            log.warning("cannot watch %s for drift: %s", code, exc)
+        for key, path, recursive in ((job_id, code, True), (METRICS + job_id, metrics_dir, False)):
+            try:
+                self.watches[key] = self.observer.schedule(
+                    _Handler(self, key), str(path), recursive=recursive, event_filter=CHANGES
+                )
+            except OSError as exc:  # e.g. the inotify watch limit: say so, keep serving
+                log.warning("cannot watch %s: %s", path, exc)
 
     def unwatch(self, job_id: str) -> None:
-        watch = self.watches.pop(job_id, None)
-        if watch is not None:
-            with contextlib.suppress(KeyError, OSError):
-                self.observer.unschedule(watch)
+        for key in (job_id, METRICS + job_id):
+            watch = self.watches.pop(key, None)
+            if watch is not None:
+                with contextlib.suppress(KeyError, OSError):
+                    self.observer.unschedule(watch)
 
     def poke(self, job_id: str) -> None:
         """From the observer's thread: queue a check of this job."""

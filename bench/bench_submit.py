@@ -105,6 +105,8 @@ class Bench:
         shutil.rmtree(WORK, ignore_errors=True)
         shutil.rmtree(SHM, ignore_errors=True)
         self.project.mkdir(parents=True)
+        for i in range(NODES):
+            self.rsync_dir(i).mkdir(parents=True)
         shutil.copytree(tree, self.tree, symlinks=True)
         self.edit_file = pick_edit_file(self.tree)
         self.edits = 0

@@ -16,8 +16,9 @@ LAUNCH = [sys.executable, "-m", "launcher.cli"]
 
 def launch(*args: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
     print(f"\n$ launch {' '.join(args)}", flush=True)
-    return subprocess.run([*LAUNCH, *args], text=True, check=False,
-                          stdout=subprocess.PIPE if capture else None)
+    return subprocess.run(
+        [*LAUNCH, *args], text=True, check=False, stdout=subprocess.PIPE if capture else None
+    )
 
 
 def main() -> int:
@@ -26,8 +27,19 @@ def main() -> int:
         # --no-login-shell: both ranks start at once on this one machine, and a login shell
         # whose profile runs `pyenv init` waits up to 60 s on pyenv's rehash lock when two
         # start together. On real nodes (one rank each) the default login shell is right.
-        submitted = launch("submit", "--nodes", "2", "--name", "demo", "--dir", str(HERE),
-                           "--no-login-shell", "--", "python3", "train.py")
+        submitted = launch(
+            "submit",
+            "--nodes",
+            "2",
+            "--name",
+            "demo",
+            "--dir",
+            str(HERE),
+            "--no-login-shell",
+            "--",
+            "python3",
+            "train.py",
+        )
         launch("ls")
         launch("status", "demo")
         launch("freeze", str(HERE))

@@ -12,6 +12,11 @@ import random
 import time
 from pathlib import Path
 
+try:  # put on PYTHONPATH by the agent; without launch, training works the same
+    import launch_runtime as runtime
+except ImportError:  # pragma: no cover - run by hand
+    runtime = None
+
 STEPS = int(os.environ.get("TRAIN_STEPS", "30"))
 LR = float(os.environ.get("TRAIN_LR", "0.1"))
 SLEEP = float(os.environ.get("TRAIN_SLEEP", "0.05"))
@@ -25,11 +30,19 @@ def main() -> None:
     data = [(x, 3 * x + 1) for x in (rng.uniform(-1, 1) for _ in range(64))]
     w, b = 0.0, 0.0
     print(f"rank {rank}/{world} starting at revision r{revision}", flush=True)
+    if runtime is not None:
+        runtime.on_patch(
+            lambda rev: print(
+                f"now at revision r{rev['revision']}: {', '.join(rev['paths'])}", flush=True
+            )
+        )
     for step in range(1, STEPS + 1):
         gw = sum(2 * (w * x + b - y) * x for x, y in data) / len(data)
         gb = sum(2 * (w * x + b - y) for x, y in data) / len(data)
         w, b = w - LR * gw, b - LR * gb
         loss = sum((w * x + b - y) ** 2 for x, y in data) / len(data)
+        if runtime is not None:
+            runtime.report(step, loss=loss)
         if step % 5 == 0 or step == STEPS:
             print(f"step {step:3d}  loss {loss:.5f}  w {w:.3f}  b {b:.3f}", flush=True)
         time.sleep(SLEEP)

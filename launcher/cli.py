@@ -521,6 +521,75 @@ def diff_cmd(ref_a: str, ref_b: str) -> None:
     sys.stdout.write(run(history.diff(ref_a, ref_b)))
 
 
+@main.command()
+@click.argument("ref")
+@_nodes_options
+@click.option("--name", default="", help="A name for the new job (default: REF's).")
+@click.option("--detach", "-d", is_flag=True, help="Print the job id and return.")
+def rerun(
+    ref: str,
+    nnodes: int | None,
+    hosts: str | None,
+    hostfile: Path | None,
+    cluster: str | None,
+    name: str,
+    detach: bool,
+) -> None:
+    """Submit a new job with exactly the code, command and environment of REF (JOB or
+    JOB@rN); by default on REF's nodes."""
+    from launcher import history, ops, render
+    from launcher import nodes as nodes_mod
+
+    targets = None
+    if nnodes is not None or hosts or hostfile or cluster:
+        targets = call(
+            nodes_mod.resolve_nodes,
+            nodes=nnodes,
+            hosts=hosts,
+            hostfile=hostfile,
+            cluster=cluster,
+            start=Path("."),
+        )
+    submitted = run(history.rerun(ref, targets, name))
+    render.err.print(f"job {submitted.job}: rerun of {ref} on {len(submitted.nodes)} node(s)")
+    if detach:
+        click.echo(submitted.job)
+        return
+    sys.exit(run(ops.follow_submitted(submitted, sys.stdout, sys.stdout.isatty())))
+
+
+@main.command()
+@click.argument("job")
+@click.option("--node", "rank", default=0, show_default=True, help="Whose metrics (rank).")
+@click.option(
+    "--buckets",
+    default=0,
+    help="Summarise into this many step ranges (min, max, last of each metric).",
+)
+@click.option("--json", "as_json", is_flag=True)
+def metrics(job: str, rank: int, buckets: int, as_json: bool) -> None:
+    """The metrics JOB reported (launch_runtime.report or lines in $LAUNCH_METRICS_FILE),
+    each point with the revision live and the restart count when it was written."""
+    from launcher import history, render
+
+    result = run(history.metrics(job, rank, buckets))
+    if as_json:
+        render.print_json(result)
+    else:
+        render.metrics_table(result)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--job", "-j", "job", help="The job (default: the last one submitted from here).")
+def watch(paths: tuple[Path, ...], job: str | None) -> None:
+    """Patch the job each time you save: watches the job's source tree (or only PATHS) and
+    prints one line per revision. Ctrl-C stops watching; the job goes on."""
+    from launcher import history
+
+    run(history.watch(job, list(paths), sys.stdout))
+
+
 # ---------------------------------------------------------------------------- local agents
 
 

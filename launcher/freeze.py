@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import tempfile
@@ -74,7 +75,7 @@ _GIT_MODES = {"file": "100644", "exec": "100755", "symlink": "120000"}
 _LS_TRACKED = (
     *("-c", "core.fileMode=true", "-c", "core.autocrlf=false", "-c", "core.fsmonitor=false"),
     *("-c", "core.attributesFile=/dev/null", "-c", "core.checkStat=default"),
-    *("-c", "core.trustctime=true", "ls-files", "-z", "-v", "-s", "-m", "--cached"),
+    *("-c", "core.trustctime=true", "ls-files", "-z", "-v", "-s", "-m", "--debug", "--cached"),
 )
 _LS_UNTRACKED = ("ls-files", "-z", "--others", "--exclude-standard")
 _REV_PARSE = (
@@ -204,9 +205,11 @@ def _has_content(path: str) -> bool:
 class _Listing:
     """The candidate paths of a tree, sorted, plus what git says about them.
 
-    `index` maps each tracked path to its (mode, sha1) in git's index. A listing taken from
-    the stat cache keeps the index as the columns it was saved in until someone asks for it
-    (a warm freeze usually does not).
+    `tracked` are the paths in git's index. `vouchers` (only in a listing parsed just now)
+    hold, for each, what git's index says of it: mode, blob and the stat git saw when it last
+    hashed the file (mtime_ns, ctime_ns, and inode and size as the index keeps them, in 32
+    bits). A listing taken from the stat cache keeps `tracked` as the string it was saved in
+    until someone asks (a warm freeze usually does not).
     """
 
     def __init__(
@@ -215,8 +218,9 @@ class _Listing:
         self.candidates = candidates
         self.excluded: list[Excluded] = excluded if excluded is not None else []
         self.git = git
-        self._index: dict[str, tuple[str, str]] = {}
-        self._index_columns: tuple[str, str, str] | None = None
+        self._tracked: set[str] | None = set()
+        self._tracked_column = ""
+        self.vouchers: dict[str, tuple[str, str, int, int, int, int]] = {}
         self.untracked = False  # git status would show an untracked file or directory
         self.unmerged = False
         self.unknown = False  # a tracked path git's -m cannot speak for (a submodule)
@@ -227,36 +231,32 @@ class _Listing:
         self.from_cache = False
 
     @property
-    def index(self) -> dict[str, tuple[str, str]]:
-        if self._index_columns is not None:
-            paths, modes, shas = self._index_columns
-            names = paths.split("\0") if paths else []
-            mode_list = [modes[i : i + 6] for i in range(0, len(modes), 6)]
-            sha_list = [shas[i : i + 40] for i in range(0, len(shas), 40)]
-            self._index = dict(zip(names, zip(mode_list, sha_list, strict=True), strict=True))
-            self._index_columns = None
-        return self._index
+    def tracked(self) -> set[str]:
+        if self._tracked is None:
+            self._tracked = set(self._tracked_column.split("\0")) - {""}
+        return self._tracked
 
-    def vouches(self, path: str, kind: str, git_blob: str) -> bool:
-        """Whether git vouches that `path` holds the bytes whose git blob id is `git_blob`:
-        tracked, checked and unmodified, and the index holds exactly that blob and mode."""
-        git = self.index.get(path)
+    def vouches(self, path: str, kind: str, git_blob: str, key: statcache.Key) -> bool:
+        """Whether git vouches that `path` holds the bytes of a row with this kind, git blob
+        and stat: git checked the file and found it unmodified, and its index holds that
+        blob and mode, and the very stat the row was read with. (The same blob alone would
+        not do: git compares after its filters, and CRLF can pass for LF.)"""
+        git = self.vouchers.get(path)
         return (
             git is not None
-            and git == (_GIT_MODES.get(kind), git_blob)
+            and git[0] == _GIT_MODES.get(kind)
+            and git[1] == git_blob
+            and git[2:] == (key[2], key[4], key[3] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF)
             and path not in self.modified
             and path not in self.unvouched
         )
 
     def to_extra(self, digest: bytes, memo: _StagedMemo | None) -> list[Any]:
         """What the stat cache keeps of a git listing; the candidates are its rows' paths."""
-        index = self.index
         return [
             digest,
             [[e.path, e.reason] for e in self.excluded],
-            "\0".join(index),
-            "".join(mode for mode, _ in index.values()),
-            "".join(sha for _, sha in index.values()),
+            "\0".join(sorted(self.tracked)),
             [self.untracked, self.unmerged, self.unknown, self.attributes],
             sorted(self.modified),
             sorted(self.unvouched),
@@ -271,11 +271,9 @@ class _Listing:
         if cache.extra is None:
             return None
         try:
-            digest, excluded, paths, modes, shas, flags, modified, unvouched, skip, memo = (
-                cache.extra
-            )
+            digest, excluded, tracked, flags, modified, unvouched, skip, memo = cache.extra
             listing = cls(cache.table.paths, [Excluded(p, r) for p, r in excluded], git=True)
-            listing._index_columns = (paths, modes, shas)
+            listing._tracked, listing._tracked_column = None, tracked
             listing.untracked, listing.unmerged, listing.unknown, listing.attributes = (
                 bool(f) for f in flags
             )
@@ -285,7 +283,7 @@ class _Listing:
             staged = _StagedMemo.from_wire(memo, cache.written_ns - statcache.RACY_NS)
         except (TypeError, ValueError, IndexError):
             return None
-        if not isinstance(digest, bytes):
+        if not isinstance(digest, bytes) or not isinstance(tracked, str):
             return None
         return _Recalled(digest, listing, staged)
 
@@ -300,29 +298,39 @@ class _Recalled:
     memo: _StagedMemo | None
 
 
+# One record of `git ls-files -z -v -s --debug`: tag, mode, blob, stage, path, then the stat
+# the index keeps for it.
+_TRACKED_RECORD = re.compile(
+    r"([A-Za-z]) (\d+) ([0-9a-f]+) (\d+)\t([^\0]*)\0"
+    r"  ctime: (\d+):(\d+)\n  mtime: (\d+):(\d+)\n  dev: \d+\tino: (\d+)\n"
+    r"  uid: \d+\tgid: \d+\n  size: (\d+)\tflags: [0-9a-f]+\n"
+)
+
+
 def _parse_git(tracked: bytes, untracked: bytes, ignore: _LaunchIgnore) -> _Listing:
-    """Parse `git ls-files -z -v -s -m --cached` (`H mode sha stage\\tpath` per index entry,
-    then a `C` record if git found it modified or deleted; lower case: assume-unchanged; S:
-    skip-worktree; M: unmerged) and `git ls-files -z --others` (one path each)."""
+    """Parse `git ls-files -z -v -s -m --debug --cached` (per index entry: `H mode blob
+    stage\\tpath` and its stat; then the same as a `C` record if git found it modified or
+    deleted; tag in lower case: assume-unchanged; S: skip-worktree; M: unmerged) and
+    `git ls-files -z --others` (one path each)."""
     listing = _Listing([], git=True)
-    index = listing.index
-    seen: set[str] = set()
-    for record in os.fsdecode(tracked).split("\0"):
-        if not record:
-            continue
-        tag = record[0]
-        meta, _, path = record[2:].partition("\t")
+    assert listing._tracked is not None
+    index = listing._tracked
+    vouchers = listing.vouchers
+    text = os.fsdecode(tracked)
+    count = 0
+    for match in _TRACKED_RECORD.finditer(text):
+        count += 1
+        tag, mode, sha, stage, path, c_s, c_ns, m_s, m_ns, ino, size = match.groups()
         if tag in "CcRrKk":  # a note about the entry just listed
             listing.modified.add(path)
             continue
-        mode, sha, stage = meta.split(" ")
         if stage != "0":
             listing.unmerged = True
             listing.unvouched.add(path)
-        if path in seen:  # an unmerged path has one record per stage
+        if path in index:  # an unmerged path has one record per stage
             continue
-        seen.add(path)
-        if tag.islower() or tag in "S":
+        index.add(path)
+        if tag.islower() or tag == "S":
             listing.unvouched.add(path)
         if tag in "Ss":
             listing.skip_worktree.add(path)
@@ -330,8 +338,12 @@ def _parse_git(tracked: bytes, untracked: bytes, ignore: _LaunchIgnore) -> _List
             listing.excluded.append(Excluded(path, "git: submodule"))
             listing.unknown = True
             continue
-        index[path] = (mode, sha)
+        mtime = int(m_s) * 1_000_000_000 + int(m_ns)
+        ctime = int(c_s) * 1_000_000_000 + int(c_ns)
+        vouchers[path] = (mode, sha, mtime, ctime, int(ino), int(size))
         _consider(listing, path, ignore)
+    if count != text.count("\0"):  # git printed what this parser does not know: vouch for none
+        raise FreezeError(f"cannot read the output of this git ({count} records understood)", "")
     for path in os.fsdecode(untracked).split("\0"):
         if not path:
             continue
@@ -529,7 +541,9 @@ class _Git:
         if head.commit is None:  # anything at all differs from no commit
             ref = self._run("symbolic-ref", "-q", "--short", "HEAD")
             branch = ref.stdout.decode(errors="replace").strip() or None
-            return Source(None, branch, listing.untracked or bool(listing.index) or listing.unknown)
+            return Source(
+                None, branch, listing.untracked or bool(listing.tracked) or listing.unknown
+            )
         return Source(head.commit, head.branch, self._dirty(head, listing, scan))
 
     def _dirty(self, head: _Head, listing: _Listing, scan: _Scan) -> bool:
@@ -771,7 +785,7 @@ class _Scan:
             if self.vouch:
                 vouches = self.listing.vouches
                 vouched = [
-                    i >= 0 and vouches(path, table.kinds[i], table.git_blob(i))
+                    i >= 0 and vouches(path, table.kinds[i], table.git_blob(i), table.keys[i])
                     for path, i in zip(candidates, rows, strict=True)
                 ]
         targets = table.targets
@@ -847,7 +861,7 @@ class _Scan:
             self.excluded.append(Excluded(path, "vanished while freezing"))
         elif path in self.listing.skip_worktree:
             self.excluded.append(Excluded(path, "git: not checked out (skip-worktree)"))
-        elif path in self.listing.index:
+        elif path in self.listing.tracked:
             self.excluded.append(Excluded(path, "git: deleted"))
             self.deleted_tracked = True
         else:
@@ -888,7 +902,7 @@ class _Scan:
         gone += [m[0] for m in self.misses if beyond(m[0])]
         for path in gone:
             self.excluded.append(Excluded(path, "beyond a symlink"))
-            self.deleted_tracked |= self.listing.git and path in self.listing.index
+            self.deleted_tracked |= self.listing.git and path in self.listing.tracked
             self.rows.pop(path, None)
         kept = [(e, r) for e, r in zip(self.hits, self.hit_rows, strict=True) if not beyond(e.path)]
         self.hits = [e for e, _ in kept]
@@ -962,14 +976,18 @@ class _Scan:
         keys: list[statcache.Key] = []
         git_blobs: list[str] = []
         vouched: list[bool] = []
-        git = self.listing.git
+        # git's stats are at hand only in a listing parsed now; with last time's listing, a
+        # hit keeps its voucher and a new row waits for the next listing to get one.
+        recount = not self.listing.from_cache
         for path in self.listing.candidates:
             row = fresh.get(path)
             if row is not None:
                 key, kind, blob, git_blob = row
+                vouch = recount
             elif path in hit_row:
                 i = hit_row[path]
                 key, kind, blob, git_blob = old.keys[i], old.kinds[i], old.blobs[i], old.git_blob(i)
+                vouch = recount or old.vouched[i]
             else:
                 key, kind, blob, git_blob = (
                     statcache.NO_KEY,
@@ -977,11 +995,14 @@ class _Scan:
                     statcache.NO_BLOB,
                     statcache.NO_GIT_BLOB,
                 )
+                vouch = False
             keys.append(key)
             new.kinds.append(kind)
             new.blobs.append(blob)
             git_blobs.append(git_blob)
-            vouched.append(git and bool(kind) and self.listing.vouches(path, kind, git_blob))
+            if vouch and recount:
+                vouch = self.listing.vouches(path, kind, git_blob, key)
+            vouched.append(vouch)
             if kind == "symlink":
                 new.targets[path] = old.targets[path] if row is None else self.targets[path]
         new.keys, new.vouched, new.git_blobs = keys, vouched, "".join(git_blobs)

@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import difflib
 import os
+import signal as signal_mod
 import stat
 from pathlib import Path
 from typing import Any
@@ -130,68 +131,96 @@ async def patch(
 ) -> dict[str, Any]:
     """Make the next revision of a job from local files and commit it on every node."""
     record = find_job(ref)
+    async with open_fleet([Node.from_dict(n) for n in record.nodes]) as conns:
+        return await patch_on(
+            conns,
+            record,
+            files,
+            all_files=all_files,
+            message=message,
+            signal=signal,
+            restart=restart,
+            reason=reason,
+            code=code,
+        )
+
+
+async def patch_on(
+    conns: list[NodeConn],
+    record: JobRecord,
+    files: list[Path],
+    *,
+    all_files: bool,
+    message: str = "",
+    signal: str = "",
+    restart: bool = False,
+    reason: str = "patch",
+    code: Path | None = None,
+) -> dict[str, Any]:
+    """A patch over connections that are already open (`launch watch` keeps them)."""
     root = Path(record.directory)
-    nodes = [Node.from_dict(n) for n in record.nodes]
     store = local_store()
-    async with open_fleet(nodes) as conns:
-        head_status = await conns[0].client.call("status", {"job": record.id})
-        base, head_bundle = head_status["revision"], head_status["bundle"]
-        head = await manifest_of(conns[0], head_bundle)
-        if reason == "resume":
-            if any(
-                s["state"] in ("running", "prepared")
-                for s in await on_each(conns, lambda c: c.client.call("status", {"job": record.id}))
-            ):
-                raise JobStateError(
-                    f"job {record.id} is still running; to change its code "
-                    "use `launch patch --restart`",
-                    record.id,
-                )
-            new = freeze_dir(code).manifest if code else head
-        elif all_files:
-            new = (await asyncio.to_thread(freeze_dir, code or root)).manifest
-        else:
-            if not files:
-                raise InvalidParams("name the files to patch, or give --all")
-            puts, deletes = [], []
-            for path in files:
-                name, entry = entry_for(code or root, path)
-                if entry is None:
-                    deletes.append(name)
-                else:
-                    puts.append(entry)
-            new = apply_changes(head, puts, deletes)
-        changes = tree_diff(head, new)
-        if not changes and reason != "resume":
-            return {"job": record.id, "revision": base, "paths": [], "unchanged": True}
-        store.put_manifest(new)
-        await upload_bundle(conns, new, store)
-        params = {
-            "job": record.id,
-            "base": base,
-            "bundle": new.bundle_id,
-            "author": author(),
-            "message": message,
-            "reason": reason,
-        }
-        try:
-            first = await conns[0].client.call("patch_prepare", params)
-            await on_each(conns[1:], lambda c: c.client.call("patch_prepare", params), "prepare")
-        except BaseException:
-            await on_each_settled(
-                conns,
-                lambda c: c.client.call("patch_abort", {"job": record.id, "revision": base + 1}),
+    head_status = await conns[0].client.call("status", {"job": record.id})
+    base, head_bundle = head_status["revision"], head_status["bundle"]
+    head = await manifest_of(conns[0], head_bundle)
+    if reason == "resume":
+        states = await on_each(conns, lambda c: c.client.call("status", {"job": record.id}))
+        if any(s["state"] in ("running", "prepared") for s in states):
+            raise JobStateError(
+                f"job {record.id} is still running; to change its code "
+                "use `launch patch --restart`",
+                record.id,
             )
-            raise
-        number = first["revision"]
-        commit = {"job": record.id, "revision": number, "signal": signal, "restart": restart}
-        results = await on_each(conns, lambda c: c.client.call("patch_commit", commit), "commit")
+        new = (await asyncio.to_thread(freeze_dir, code)).manifest if code else head
+    elif all_files:
+        new = (await asyncio.to_thread(freeze_dir, code or root)).manifest
+    else:
+        if not files:
+            raise InvalidParams("name the files to patch, or give --all")
+        puts, deletes = [], []
+        for path in files:
+            name, entry = entry_for(code or root, path)
+            if entry is None:
+                deletes.append(name)
+            else:
+                puts.append(entry)
+        new = apply_changes(head, puts, deletes)
+    changes = tree_diff(head, new)
+    if not changes and reason != "resume":
+        return {"job": record.id, "revision": base, "paths": [], "unchanged": True}
+    store.put_manifest(new)
+    await upload_bundle(conns, new, store)
+    params = {
+        "job": record.id,
+        "base": base,
+        "bundle": new.bundle_id,
+        "author": author(),
+        "message": message,
+        "reason": reason,
+    }
+    # Node 0 first: it admits one patch per base, so racing launchers are settled there
+    # before any other node stages anything.
+    first = await conns[0].client.call("patch_prepare", params)
+    number = first["revision"]
+    others = await on_each_settled(conns[1:], lambda c: c.client.call("patch_prepare", params))
+    failures = [r for r in others if isinstance(r, LaunchError)]
+    if failures:
+        staged = [conns[0]] + [
+            c for c, r in zip(conns[1:], others, strict=True) if not isinstance(r, LaunchError)
+        ]
+        abort = {"job": record.id, "revision": number, "bundle": new.bundle_id}
+        await on_each_settled(staged, lambda c: c.client.call("patch_abort", abort))
+        raise ExceptionGroup(
+            f"prepare failed on {len(failures)} of {len(conns)} nodes; nothing changed", failures
+        )
+    commit = {"job": record.id, "revision": number, "signal": signal, "restart": restart}
+    results = await on_each(conns, lambda c: c.client.call("patch_commit", commit), "commit")
     return {
         "job": record.id,
         "revision": number,
         "paths": [c.path for c in changes],
         "at_ns": [r["at_ns"] for r in results],
-        "nodes": [n.name for n in nodes],
+        "nodes": [c.name for c in conns],
     }
 
 
@@ -371,3 +400,118 @@ def _text(store: Any, entry: Entry | None) -> list[str] | None:
         return data.decode("utf-8").splitlines(keepends=True)
     except UnicodeDecodeError:
         return None
+
+
+# --------------------------------------------------------------------- rerun, metrics
+
+
+async def rerun(ref: str, nodes: list[Node] | None, name: str = "") -> Any:
+    """Submit a new job with exactly the code, command and environment of REF."""
+    from launcher.ops import SubmitOptions, submit
+
+    job_ref, number = parse_ref(ref)
+    record = find_job(job_ref)
+    old_nodes = [Node.from_dict(n) for n in record.nodes]
+    async with open_fleet(old_nodes[:1]) as conns:
+        conn = conns[0]
+        status = await conn.client.call("status", {"job": record.id})
+        revs = await revisions_on(conn, record.id)
+        chosen = revs[-1] if number is None else next((r for r in revs if r.number == number), None)
+        if chosen is None:
+            raise JobNotFound(f"{record.id}@r{number}")
+        manifest = await manifest_of(conn, chosen.bundle)
+        await fetch_blobs(conn, manifest)
+    targets = nodes or old_nodes
+    opts = SubmitOptions(
+        argv=list(status["argv"]),
+        nodes=targets,
+        directory=Path(record.directory),
+        name=name or record.name,
+        env=dict(status.get("env", {})),
+        message=f"rerun of {chosen.ref}",
+        login=bool(status.get("login", True)),
+        manifest=manifest,
+        reason="rerun",
+    )
+    return await submit(opts)
+
+
+async def metrics(ref: str, rank: int = 0, buckets: int = 0) -> dict[str, Any]:
+    """The metrics rank `rank` of JOB reported, each point with its revision and restart."""
+    record = find_job(ref)
+    nodes = [Node.from_dict(n) for n in record.nodes]
+    if not 0 <= rank < len(nodes):
+        raise InvalidParams(f"job {record.id} has no node of rank {rank}")
+    async with open_fleet([nodes[rank]]) as conns:
+        result: dict[str, Any] = await conns[0].client.call(
+            "metrics", {"job": record.id, "buckets": buckets}
+        )
+    return {"job": record.id, "rank": rank, **result}
+
+
+# -------------------------------------------------------------------------- watch
+
+
+async def watch(ref: str | None, paths: list[Path], out: Any, debounce_s: float = 0.3) -> None:
+    """Patch the job each time the local tree changes, until interrupted; one line per
+    revision. Connections stay open, so each patch costs one round trip per node."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    record = find_job(ref)
+    root = Path(record.directory)
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        changed.set()
+
+    for signum in (signal_mod.SIGINT, signal_mod.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+
+    class Handler(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            path = os.fsdecode(event.src_path)
+            if event.event_type in ("opened", "closed_no_write") or "/.git/" in path + "/":
+                return
+            loop.call_soon_threadsafe(changed.set)
+
+    observer = Observer()
+    observer.schedule(Handler(), str(root), recursive=True)
+    observer.start()
+    try:
+        async with open_fleet([Node.from_dict(n) for n in record.nodes]) as conns:
+            out.write(f"watching {root} for {record.id} (Ctrl-C to stop)\n")
+            out.flush()
+            while True:
+                await changed.wait()
+                await asyncio.sleep(debounce_s)  # let a burst of saves settle
+                while changed.is_set() and not stopping:
+                    changed.clear()
+                    await asyncio.sleep(debounce_s)
+                if stopping:
+                    out.write("stopped watching; the job goes on\n")
+                    return
+                result = await _patch_or_report(conns, record, paths, out)
+                if result and not result.get("unchanged"):
+                    out.write(f"{record.id}@r{result['revision']}: {', '.join(result['paths'])}\n")
+                    out.flush()
+    finally:
+        observer.stop()
+        observer.join()
+
+
+async def _patch_or_report(
+    conns: list[NodeConn], record: JobRecord, paths: list[Path], out: Any
+) -> dict[str, Any] | None:
+    """One patch for `watch`: a refusal (stale head, a node away) is reported, not fatal."""
+    try:
+        return await patch_on(conns, record, paths, all_files=not paths)
+    except* LaunchError as group:
+        for exc in group.exceptions:
+            out.write(f"patch refused: {exc}\n")
+        out.flush()
+    return None

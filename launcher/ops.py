@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.protocol.errors import JobStateError, LaunchError, NodeUnreachable
-from agent.protocol.objects import Manifest, object_kind
+from agent.protocol.objects import Manifest, Source, object_kind
 from launcher import home
 from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet, open_fleet_settled
 from launcher.nodes import Node, ensure_local_agents, open_node
@@ -85,6 +85,9 @@ class SubmitOptions:
     message: str = ""
     max_file_size: int | None = None
     login: bool = True
+    # A rerun ships exactly this manifest instead of freezing `directory`.
+    manifest: Manifest | None = None
+    reason: str = "submit"
 
 
 @dataclass
@@ -124,11 +127,15 @@ def author() -> str:
 async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submitted:
     progress = progress or Progress()
     # Freeze first: a bad source tree must not bring up local agents as a side effect.
-    frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size)
+    if opts.manifest is None:
+        frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size)
+        manifest, source = frozen.manifest, frozen.source
+    else:
+        frozen, manifest, source = None, opts.manifest, Source()
     await asyncio.to_thread(ensure_local_agents, opts.nodes)
-    progress.on_frozen(frozen)
+    if frozen is not None:
+        progress.on_frozen(frozen)
     job = new_job_id()
-    manifest: Manifest = frozen.manifest
     store = local_store()
     async with open_fleet(opts.nodes) as conns:
         missing = await upload_bundle(conns, manifest, store, progress)
@@ -144,7 +151,8 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
             "name": opts.name,
             "author": author(),
             "message": opts.message,
-            "source": frozen.source.to_wire(),
+            "source": source.to_wire(),
+            "reason": opts.reason,
             "login": opts.login,
         }
         try:

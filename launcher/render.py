@@ -225,3 +225,40 @@ def revisions_table(rows: list[dict[str, Any]]) -> None:
             str(len(r["nodes"])),
         )
     out.print(table)
+
+
+def metrics_table(result: dict[str, Any]) -> None:
+    if "buckets" in result:
+        table = Table(title=f"{result['job']} rank {result['rank']}", title_justify="left")
+        for col in ("steps", "count", "metric", "min", "max", "last"):
+            table.add_column(col)
+        for b in result["buckets"]:
+            for key, (lo, hi, last) in sorted(b["metrics"].items()):
+                table.add_row(
+                    f"{b['from']}-{b['to']}",
+                    str(b["count"]),
+                    key,
+                    f"{lo:.6g}",
+                    f"{hi:.6g}",
+                    f"{last:.6g}",
+                )
+        out.print(table)
+        return
+    points = result["points"]
+    if not points:
+        out.print(f"{result['job']}: no metrics reported yet")
+        return
+    keys = sorted({k for p in points for k in p["values"]})
+    table = Table(title=f"{result['job']} rank {result['rank']}", title_justify="left")
+    for col in ("step", "time", "rev", "restart", *keys):
+        table.add_column(col)
+    for p in points:
+        when = time.strftime("%H:%M:%S", time.localtime(p["at_ns"] / 1e9))
+        table.add_row(
+            str(p["step"]),
+            when,
+            f"r{p['revision']}",
+            str(p["restart"]),
+            *(f"{p['values'][k]:.6g}" if k in p["values"] else "" for k in keys),
+        )
+    out.print(table)

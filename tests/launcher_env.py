@@ -178,7 +178,7 @@ def process_gone(pid: int, create_time: float) -> bool:
         proc = psutil.Process(pid)
         if abs(proc.create_time() - create_time) > 0.01:
             return True
-        return proc.status() == psutil.STATUS_ZOMBIE
+        return bool(proc.status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 

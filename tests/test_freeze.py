@@ -409,6 +409,43 @@ def test_added_and_removed_files_with_a_warm_cache(tree: Path, tmp_path: Path, s
     assert frozen.bundle_id == freeze(tree, store).bundle_id  # same as without a cache
 
 
+def test_git_vouches_only_for_what_it_checked(tmp_path: Path, store: Store) -> None:
+    """A tracked file git does not check (assume-unchanged) is stat-ed and read like any."""
+    root = git_repo(tmp_path / "repo", FILES)
+    age(root)
+    cache = tmp_path / "stat"
+    freeze(root, store, cache_path=cache)
+    git(root, "update-index", "--assume-unchanged", "train.py")
+    write(root, {"train.py": "print('TRAIN')\n"})  # same size; git will not look
+    os.utime(root / "train.py", (HOUR_AGO, HOUR_AGO))
+    frozen = freeze(root, store, cache_path=cache)
+    assert frozen.files_read == 1
+    assert store.get(frozen.manifest.by_path()["train.py"].blob) == b"print('TRAIN')\n"
+
+
+def test_attributes_stop_git_vouching(tmp_path: Path, store: Store) -> None:
+    """With a .gitattributes, git compares filtered bytes, so every file is stat-ed."""
+    root = git_repo(tmp_path / "repo", {**FILES, ".gitattributes": "*.yaml text\n"})
+    age(root)
+    cache = tmp_path / "stat"
+    freeze(root, store, cache_path=cache)
+    os.utime(root / "train.py", (HOUR_AGO, HOUR_AGO + 1))  # touched, same bytes
+    assert freeze(root, store, cache_path=cache).files_read == 1
+
+
+def test_line_endings_changed_under_autocrlf(tmp_path: Path, store: Store) -> None:
+    """git status calls CRLF bytes clean under core.autocrlf; the bundle still holds them."""
+    root = git_repo(tmp_path / "repo", {"a.txt": "one\ntwo\n"})
+    git(root, "config", "core.autocrlf", "true")
+    age(root)
+    cache = tmp_path / "stat"
+    freeze(root, store, cache_path=cache)
+    write(root, {"a.txt": "one\r\ntwo\r\n"})
+    frozen = freeze(root, store, cache_path=cache)
+    assert store.get(frozen.manifest.by_path()["a.txt"].blob) == b"one\r\ntwo\r\n"
+    assert frozen.source.dirty is False  # as git status says, with the user's settings
+
+
 def test_a_file_changed_just_now_is_not_trusted(tmp_path: Path, store: Store) -> None:
     root = tmp_path / "t"
     write(root, {"a.py": "1", "b.py": "2"})

@@ -13,6 +13,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -34,16 +35,18 @@ def lh() -> Iterator[LaunchHome]:
         home.close()
 
 
-def submit(lh: LaunchHome, src: Path, *command: str, extra: tuple[str, ...] = ()) -> list[str]:
+def submit(src: Path, *command: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """`launch submit` on the two local agents, from the tree `src`."""
     return ["submit", "--nodes", "2", "--no-login-shell", "--dir", str(src), *extra, "--", *command]
 
 
-def status(lh: LaunchHome, job: str) -> dict:
-    return lh.run("status", job, "--json").json()
+def status(lh: LaunchHome, job: str) -> dict[str, Any]:
+    answer: dict[str, Any] = lh.run("status", job, "--json").json()
+    return answer
 
 
-def wait_state(lh: LaunchHome, job: str, states: set[str], timeout: float = 30) -> dict:
-    seen: dict = {}
+def wait_state(lh: LaunchHome, job: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
 
     def ended() -> bool:
         seen.update(status(lh, job))
@@ -69,7 +72,7 @@ def test_submit_follows_both_nodes_logs_once_each_with_rank_prefix(
         },
     )
     # Run from elsewhere: --dir names the tree.
-    r = lh.run(*submit(lh, src, PYTHON, "main.py"), cwd=tmp_path)
+    r = lh.run(*submit(src, PYTHON, "main.py"), cwd=tmp_path)
     assert r.code == 0, r.describe()
     assert "\x1b" not in r.out  # piped: no colour codes
     lines = r.lines()
@@ -92,7 +95,7 @@ def test_exit_code_is_the_jobs_when_one_rank_fails(lh: LaunchHome, tmp_path: Pat
             "sys.exit(3 if rank == 1 else 0)\n"
         },
     )
-    r = lh.run(*submit(lh, src, PYTHON, "main.py"))
+    r = lh.run(*submit(src, PYTHON, "main.py"))
     assert r.code == 3, r.describe()
     assert sorted(r.lines()) == ["[0] rank 0 done", "[1] rank 1 done"]
     job = re.search(r"job (j-\S+)", r.err)
@@ -105,7 +108,7 @@ def test_exit_code_is_the_jobs_when_one_rank_fails(lh: LaunchHome, tmp_path: Pat
 
 def test_unknown_command_fails_cleanly_on_both_nodes(lh: LaunchHome, tmp_path: Path) -> None:
     src = write_tree(tmp_path / "src", {"main.py": "print('unused')\n"})
-    r = lh.run(*submit(lh, src, "no-such-command-xyz"))
+    r = lh.run(*submit(src, "no-such-command-xyz"))
     assert r.code != 0, r.describe()
     assert "Traceback" not in r.out + r.err
     for rank in (0, 1):
@@ -126,7 +129,7 @@ def test_detach_prints_the_job_id_and_logs_show_it(lh: LaunchHome, tmp_path: Pat
         tmp_path / "src",
         {"main.py": "import os\nprint('hello from', os.environ['LAUNCH_NODE_RANK'])\n"},
     )
-    r = lh.run(*submit(lh, src, PYTHON, "main.py", extra=("--detach",)))
+    r = lh.run(*submit(src, PYTHON, "main.py", extra=("--detach",)))
     assert r.code == 0, r.describe()
     job = r.out.strip()
     assert JOB_RE.match(job) and r.out == job + "\n", r.describe()
@@ -152,7 +155,7 @@ time.sleep(300)
 
 def test_json_status_ls_logs_and_cancel_of_a_running_job(lh: LaunchHome, tmp_path: Path) -> None:
     src = write_tree(tmp_path / "src", {"sleeper.py": SLEEPER})
-    r = lh.run(*submit(lh, src, PYTHON, "sleeper.py", extra=("--json",)))
+    r = lh.run(*submit(src, PYTHON, "sleeper.py", extra=("--json",)))
     submitted = r.json()
     assert set(submitted) == {"job", "bundle", "revision", "nodes", "sent_blobs"}
     assert submitted["revision"] == 0
@@ -218,13 +221,13 @@ def test_unchanged_tree_sends_no_blobs_and_one_change_sends_one(
             "data/config.json": json.dumps({"token": token}),
         },
     )
-    first = lh.run(*submit(lh, src, PYTHON, "-c", "pass", extra=("--json",))).json()
+    first = lh.run(*submit(src, PYTHON, "-c", "pass", extra=("--json",))).json()
     assert first["sent_blobs"] == [3, 3]
-    again = lh.run(*submit(lh, src, PYTHON, "-c", "pass", extra=("--json",))).json()
+    again = lh.run(*submit(src, PYTHON, "-c", "pass", extra=("--json",))).json()
     assert again["sent_blobs"] == [0, 0]
     assert again["bundle"] == first["bundle"] and again["job"] != first["job"]
     (src / "lib" / "util.py").write_text(f"# {token}\nX = 2\n")
-    changed = lh.run(*submit(lh, src, PYTHON, "-c", "pass", extra=("--json",))).json()
+    changed = lh.run(*submit(src, PYTHON, "-c", "pass", extra=("--json",))).json()
     assert changed["sent_blobs"] == [1, 1]
     assert changed["bundle"] != first["bundle"]
     for sub in (first, again, changed):
@@ -235,7 +238,8 @@ def test_unchanged_tree_sends_no_blobs_and_one_change_sends_one(
 
 
 @pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[LaunchHome]:
+def fresh() -> Iterator[LaunchHome]:
+    """A LAUNCH_HOME of its own: nothing started in it beforehand."""
     home = LaunchHome()
     try:
         yield home

@@ -74,6 +74,7 @@ class Prepare:
     source: list[Any] = field(default_factory=lambda: [None, None, None])
     # False: run the command without the owner's shell profile (a clean, faster start).
     login: bool = True
+    reason: str = "submit"  # or "rerun": the same code, command and environment as another job
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class PatchAbort:
 
     job: str
     revision: int
+    bundle: str = ""  # when given, drop the staged patch only if it is this one
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,15 @@ class GetBlobs:
     """Bytes of stored blobs, for checkout and diff. Result: {blobs: [[id, bytes]...]}."""
 
     blobs: list[str]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The job's reported metrics: every point, or with buckets > 0 that many step ranges
+    with min, max, last of each metric. Result: {points: [...]} or {buckets: [...]}."""
+
+    job: str
+    buckets: int = 0
 
 
 METHODS: dict[str, type] = {
@@ -198,6 +209,7 @@ METHODS: dict[str, type] = {
     "patch_commit": PatchCommit,
     "patch_abort": PatchAbort,
     "get_blobs": GetBlobs,
+    "metrics": Metrics,
 }
 NOTIFICATIONS = ("log",)
 
