@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ class Config:
     socket: Path
     state: Path
     system: bool
+    gpus: int | None = None  # declared GPUs; None: ask nvidia-smi
+    reservation_ttl_s: float = 120.0
 
 
 def user_socket() -> Path:
@@ -81,7 +84,10 @@ async def run_agent(config: Config) -> None:
     store.clean_tmp()
     revlog = RevLog(state.revlog)
     hostname = socket.gethostname()
-    jobs = JobManager(state, store, revlog, hostname)
+    from agent.gpus import GpuLedger, discover
+
+    ledger = GpuLedger(revlog, discover(config.gpus, hostname), config.reservation_ttl_s)
+    jobs = JobManager(state, store, revlog, hostname, ledger)
     agent = Agent(
         state=state, store=store, revlog=revlog, jobs=jobs, hostname=hostname, system=config.system
     )
@@ -179,15 +185,37 @@ _user_opt = click.option(
 @_user_opt
 @_socket_opt
 @_state_opt
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Declare this many GPUs (as Slurm's gres.conf does) instead of asking nvidia-smi.",
+)
+@click.option(
+    "--reservation-ttl",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds a prepared job's GPU reservation lasts if it is never started.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log each connection.")
-def serve(user: bool, sock: Path | None, state: Path | None, verbose: bool) -> None:
+def serve(
+    user: bool,
+    sock: Path | None,
+    state: Path | None,
+    gpus: int | None,
+    reservation_ttl: float,
+    verbose: bool,
+) -> None:
     """Serve the agent protocol on a Unix socket (no TCP port, ever)."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="launch-agent: %(message)s",
         stream=sys.stderr,
     )
-    config = resolve_config(user, sock, state)
+    config = dataclasses.replace(
+        resolve_config(user, sock, state), gpus=gpus, reservation_ttl_s=reservation_ttl
+    )
     try:
         asyncio.run(run_agent(config))
     except* (LaunchError, PermissionError) as group:

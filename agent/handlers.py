@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,9 +23,9 @@ import psutil
 from agent import __version__, patches
 from agent import metrics as metrics_mod
 from agent.jobs import JobManager, Owner
-from agent.paths import StatePaths
+from agent.paths import StatePaths, check_job_id
 from agent.protocol import messages as m
-from agent.protocol.errors import InvalidParams
+from agent.protocol.errors import InvalidParams, JobNotFound
 from agent.protocol.objects import Manifest, check_object_id, object_kind
 from agent.protocol.rpc import negotiate
 from agent.revlog import ACTIVE, RevLog
@@ -88,44 +87,12 @@ async def node_info(agent: Agent, caller: Caller, p: m.NodeInfo, notify: Notify)
         "memory_total": mem.total,
         "memory_available": mem.available,
         "disk_free": disk.free,
-        "gpus": await asyncio.to_thread(_gpus),
+        "gpus": agent.jobs.gpus.describe(),
         "jobs_running": len(running),
         "my_jobs": [j.id for j in running if caller.uid in (0, j.owner)],
         "uptime_s": int(time.time() - agent.started),
         "agent_rss": psutil.Process().memory_info().rss,
     }
-
-
-def _gpus() -> list[dict[str, Any]]:
-    """GPUs as nvidia-smi lists them; none where it is absent."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    query = "index,uuid,name,memory.total,driver_version"
-    try:
-        out = subprocess.run(
-            [smi, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    gpus = []
-    for line in out.splitlines():
-        parts = [x.strip() for x in line.split(",")]
-        if len(parts) == 5:
-            gpus.append(
-                {
-                    "index": int(parts[0]),
-                    "uuid": parts[1],
-                    "name": parts[2],
-                    "memory_mib": int(parts[3]),
-                    "driver": parts[4],
-                }
-            )
-    return gpus
 
 
 async def missing(agent: Agent, caller: Caller, p: m.Missing, notify: Notify) -> Any:
@@ -159,7 +126,16 @@ async def start(agent: Agent, caller: Caller, p: m.Start, notify: Notify) -> Any
 
 
 async def abort(agent: Agent, caller: Caller, p: m.Abort, notify: Notify) -> Any:
-    return agent.jobs.abort(p.job, caller.uid)
+    try:
+        return agent.jobs.abort(p.job, caller.uid)
+    except JobNotFound:
+        # Prepare never got as far as the job: give back what `reserve` held for it.
+        agent.jobs.gpus.release(check_job_id(p.job))
+        return {}
+
+
+async def reserve(agent: Agent, caller: Caller, p: m.Reserve, notify: Notify) -> Any:
+    return {"gpus": agent.jobs.gpus.reserve(check_job_id(p.job), p.gpus)}
 
 
 async def cancel(agent: Agent, caller: Caller, p: m.Cancel, notify: Notify) -> Any:
@@ -280,5 +256,6 @@ HANDLERS: dict[str, Callable[[Agent, Caller, Any, Notify], Awaitable[Any]]] = {
     "patch_abort": patch_abort,
     "get_blobs": get_blobs,
     "metrics": metrics,
+    "reserve": reserve,
 }
 assert HANDLERS.keys() == m.METHODS.keys(), "every method has exactly one handler"

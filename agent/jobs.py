@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 
 from agent.codedir import read_staged
+from agent.gpus import GpuLedger
 from agent.paths import JobPaths, StatePaths, publish_json, read_json
 from agent.protocol.errors import (
     InvalidParams,
@@ -72,8 +73,16 @@ def free_port() -> int:
 
 
 class JobManager:
-    def __init__(self, state: StatePaths, store: Store, revlog: RevLog, hostname: str) -> None:
+    def __init__(
+        self,
+        state: StatePaths,
+        store: Store,
+        revlog: RevLog,
+        hostname: str,
+        gpus: GpuLedger | None = None,
+    ) -> None:
         self.state = state
+        self.gpus = gpus or GpuLedger(revlog, [])
         self.store = store
         self.revlog = revlog
         self.hostname = hostname
@@ -82,6 +91,7 @@ class JobManager:
         self._pidfds: dict[str, int] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._preparing: set[str] = set()
+        self._restarting: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         # Set by the daemon (the drift watcher): told when a job runs and when it ends.
         self.on_running: Callable[[str, JobPaths], None] = lambda job_id, paths: None
@@ -133,9 +143,13 @@ class JobManager:
         if p.job in self._preparing:
             raise JobStateError(f"job {p.job} is being prepared by another call", p.job)
         self._preparing.add(p.job)
+        gpus = self.gpus.reserve(p.job, p.gpus)  # Busy, before anything is built
         try:
             paths = self.paths(p.job)
             await asyncio.to_thread(self._build_code_dir, paths, manifest)
+        except BaseException:
+            self.gpus.release(p.job)
+            raise
         finally:
             self._preparing.discard(p.job)
         if self.is_root:
@@ -168,6 +182,7 @@ class JobManager:
             head=0,
             created_ns=now,
             login=p.login,
+            gpus=len(gpus),
         )
         self.publish_revision(paths, revision)
         self.revlog.create_job(job, revision)
@@ -214,6 +229,10 @@ class JobManager:
             return self.status(job.id)  # a retried start is harmless
         if job.state != "prepared":
             raise JobStateError(f"job {job.id} is {job.state}; only a prepared job starts", job.id)
+        held = self.gpus.confirm(job.id)
+        if len(held) != job.gpus:  # the reservation expired and the GPUs went to others
+            self.gpus.reserve(job.id, job.gpus)  # Busy if they are still taken
+            self.gpus.confirm(job.id)
         self.revlog.update(job.id, master_addr=p.master_addr, master_port=p.master_port)
         job = self.revlog.get(job.id)
         self._spawn(job)
@@ -297,6 +316,9 @@ class JobManager:
             "PET_MASTER_PORT": master_port,
             "PET_NNODES": str(job.nnodes),
             "PET_NODE_RANK": str(job.rank),
+            # Only this job's GPUs are visible to it (none: an empty list hides them all).
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpus.of(job.id))),
+            "LAUNCH_GPUS": ",".join(map(str, self.gpus.of(job.id))),
         }
         # Live logs by default; a submitter may still choose otherwise with --env. The
         # runtime helper (launch_runtime) is importable, before the submitter's own path.
@@ -342,6 +364,8 @@ class JobManager:
                 state = "succeeded" if code == 0 else "failed"
         ended = (result or {}).get("ended_ns") or time.time_ns()
         self.revlog.update(job.id, state=state, exit_code=code, exit_signal=sig, ended_ns=ended)
+        if job.id not in self._restarting:
+            self.gpus.release(job.id)
 
     async def wait_ended(self, job_id: str) -> None:
         job = self.revlog.get(job_id)
@@ -374,10 +398,17 @@ class JobManager:
         if job.state == "running":
             publish_json(self.paths(job_id).cancel, {"grace_s": max(0, grace_s)})
             shim = self._live_shim(job)
-            if shim is not None:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    shim.terminate()
-            await self.wait_ended(job_id)
+            self._restarting.add(job_id)  # its GPUs stay held across the restart
+            try:
+                if shim is not None:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        shim.terminate()
+                await self.wait_ended(job_id)
+            finally:
+                self._restarting.discard(job_id)
+        else:  # a resume: the job ended and gave its GPUs back; take them again
+            self.gpus.reserve(job_id, job.gpus)
+            self.gpus.confirm(job_id)
         self.revlog.update(
             job_id,
             restart_count=job.restart_count + 1,
@@ -405,6 +436,7 @@ class JobManager:
             raise JobStateError(f"job {job.id} is {job.state}; only a prepared job aborts", job.id)
         _remove_tree(self.paths(job.id).code)
         self.revlog.update(job.id, state="aborted", ended_ns=time.time_ns())
+        self.gpus.release(job.id)
         return self.status(job.id)
 
     def _live_shim(self, job: Job) -> psutil.Process | None:
@@ -477,6 +509,7 @@ class JobManager:
             "staged_bundle": staged.bundle if staged else None,
             "env": job.env,
             "login": job.login,
+            "gpus": self.gpus.of(job.id),
             "node": self.hostname,
         }
 

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     master_addr TEXT,
     master_port INTEGER,
     login INTEGER NOT NULL DEFAULT 1,
-    metrics_offset INTEGER NOT NULL DEFAULT 0
+    metrics_offset INTEGER NOT NULL DEFAULT 0,
+    gpus INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS revisions (
     job TEXT NOT NULL REFERENCES jobs(id),
@@ -62,6 +63,11 @@ CREATE TABLE IF NOT EXISTS metrics (
     restart INTEGER NOT NULL,
     data BLOB NOT NULL,
     PRIMARY KEY (job, seq)
+);
+CREATE TABLE IF NOT EXISTS gpu_holds (
+    gpu INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,  -- reserved before the job's row exists (prepare fails fast)
+    expires_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -101,6 +107,7 @@ class Job:
     master_port: int | None = None
     login: bool = True
     metrics_offset: int = 0
+    gpus: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -245,6 +252,78 @@ class RevLog:
             (job_id,),
         )
         return [tuple(r) for r in rows]
+
+    # --------------------------------------------------------------------------- GPUs
+
+    def reserve_gpus(
+        self, job_id: str, gpus: list[int], count: int, now_ns: int, expires_ns: int
+    ) -> list[int] | None:
+        """In one transaction: take back expired holds of jobs never started (they become
+        aborted), then hold `count` free GPUs for job_id (or None if too few are free).
+        A job that already holds GPUs keeps exactly those (a retried prepare)."""
+        with self._transaction():
+            expired = self.db.execute(
+                "SELECT DISTINCT job FROM gpu_holds WHERE expires_ns IS NOT NULL AND "
+                "expires_ns < ?",
+                (now_ns,),
+            ).fetchall()
+            for (stale,) in expired:
+                self.db.execute("DELETE FROM gpu_holds WHERE job=?", (stale,))
+                self.db.execute(
+                    "UPDATE jobs SET state='aborted', ended_ns=? WHERE id=? AND state='prepared'",
+                    (now_ns, stale),
+                )
+                self._event(stale, "state", "aborted: GPU reservation expired")
+            mine = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT gpu FROM gpu_holds WHERE job=? ORDER BY gpu", (job_id,)
+                )
+            ]
+            if mine:
+                return mine
+            held = {r[0] for r in self.db.execute("SELECT gpu FROM gpu_holds")}
+            free = [g for g in gpus if g not in held]
+            if len(free) < count:
+                return None
+            chosen = free[:count]
+            self.db.executemany(
+                "INSERT INTO gpu_holds (gpu, job, expires_ns) VALUES (?, ?, ?)",
+                [(g, job_id, expires_ns) for g in chosen],
+            )
+            return chosen
+
+    def confirm_gpus(self, job_id: str) -> list[int]:
+        with self._transaction():
+            self.db.execute("UPDATE gpu_holds SET expires_ns=NULL WHERE job=?", (job_id,))
+            return [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT gpu FROM gpu_holds WHERE job=? ORDER BY gpu", (job_id,)
+                )
+            ]
+
+    def release_gpus(self, job_id: str) -> None:
+        with self._transaction():
+            self.db.execute("DELETE FROM gpu_holds WHERE job=?", (job_id,))
+
+    def gpu_holders(self, now_ns: int) -> dict[int, dict[str, Any]]:
+        """Live holds (not expired): gpu -> {job, owner, owner_name}."""
+        import pwd
+
+        rows = self.db.execute(
+            "SELECT h.gpu, h.job, j.owner FROM gpu_holds h JOIN jobs j ON j.id = h.job "
+            "WHERE h.expires_ns IS NULL OR h.expires_ns >= ?",
+            (now_ns,),
+        )
+        out = {}
+        for gpu, job, owner in rows:
+            try:
+                name = pwd.getpwuid(owner).pw_name
+            except KeyError:
+                name = str(owner)
+            out[gpu] = {"job": job, "owner": owner, "owner_name": name}
+        return out
 
     # ------------------------------------------------------------------------ events
 

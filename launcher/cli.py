@@ -221,6 +221,24 @@ def _nodes_options(fn: Any) -> Any:
     help="Run COMMAND in your login environment (shell profile: PATH, conda, modules), as "
     "over SSH; --no-login-shell starts it with the system PATH and --env only.",
 )
+@click.option(
+    "--gpus-per-node",
+    "gpus",
+    type=click.IntRange(min=0),
+    default=None,
+    help="GPUs to reserve on each node (default: all of them; 0 allowed).",
+)
+@click.option(
+    "--wait",
+    "wait",
+    type=click.FloatRange(min=0),
+    is_flag=False,
+    flag_value=0.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="If the nodes or GPUs are busy, wait for them (for SECONDS, or for ever) "
+    "instead of failing with exit code 6.",
+)
 @_max_size
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def submit(
@@ -235,6 +253,8 @@ def submit(
     as_json: bool,
     message: str,
     login: bool,
+    gpus: int | None,
+    wait: float | None,
     max_file_size: str | None,
     command: tuple[str, ...],
 ) -> None:
@@ -264,6 +284,7 @@ def submit(
         hostfile=hostfile,
         cluster=cluster,
         start=directory,
+        candidates=True,
     )
     opts = ops.SubmitOptions(
         argv=argv,
@@ -274,10 +295,20 @@ def submit(
         message=message,
         max_file_size=_size(max_file_size),
         login=login,
+        count=nnodes,
+        gpus_per_node=-1 if gpus is None else gpus,
+        wait=wait,
     )
     bar = render.UploadBar(enabled=not as_json)
+    waiting: list[list[str]] = []
+
+    def on_wait(reasons: list[str]) -> None:
+        if not waiting or waiting[-1] != reasons:  # say it when what we wait for changes
+            render.err.print("waiting for capacity: " + "; ".join(reasons))
+        waiting.append(reasons)
+
     progress = ops.Progress(
-        on_upload_start=bar.start, on_upload=bar.advance, on_upload_end=bar.stop
+        on_wait=on_wait, on_upload_start=bar.start, on_upload=bar.advance, on_upload_end=bar.stop
     )
     submitted = run(ops.submit(opts, progress))
     if as_json:

@@ -100,6 +100,7 @@ class AgentClient:
             future = self._waiting.pop(event.id, None)
             if future is not None and not future.done():
                 if event.error is not None:
+                    event.error.node = self.node  # every refusal says which node made it
                     future.set_exception(event.error)
                 else:
                     future.set_result(event.result)

@@ -554,8 +554,11 @@ class _Git:
         if not (listing.modified or listing.unknown):
             return False
         # git's -m compared raw bytes (see _LS_TRACKED): a change, or only an eol rule or a
-        # clean filter that git status would apply. Submodules: their own state. git decides.
-        return self._run("diff", "--quiet", "HEAD", "--", ".").returncode != 0
+        # clean filter that git status would apply. Submodules: their own state. git status
+        # decides, with the user's settings; without optional locks it does not write the
+        # index (git diff would).
+        args = ("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return bool(self._run(*args).stdout.strip())
 
     def _differs_from_head(self, head: _Head) -> bool:
         """Whether the index differs from HEAD: the memo's answer while it holds, else git's."""
@@ -752,11 +755,12 @@ class _Scan:
         self.max_file_size = max_file_size
         self.vouch = vouch and listing.git and not listing.attributes
         self.hits: list[Entry] = []
-        self.hit_rows: list[int] = []  # the cache row of each hit
+        self._rows: Sequence[int] = ()  # the cache row of each candidate (-1: none)
+        self._hit_rows: list[int] | None = None
         self.others: list[Entry] = []  # entries that are not hits (symlinks looked at now)
         self.rows: dict[str, _Row] = {}  # rows of symlinks looked at now (reads have theirs)
         self.targets: dict[str, str] = {}  # their targets
-        self.stats: list[os.stat_result | None] = []  # by candidate, for a scan after this
+        self.seen: dict[str, os.stat_result] = {}  # stats taken, for a scan after this one
         self.rest: list[tuple[str, int, os.stat_result | None, OSError | None]] = []
         self.misses: list[tuple[str, Kind, int]] = []  # path, kind, size when stat-ed
         self.excluded: list[Excluded] = []
@@ -793,29 +797,26 @@ class _Scan:
         prefix = self.top + "/"
         max_size = self.max_file_size
         make = _make_entry
-        hits, hit_rows, rest, stats = self.hits, self.hit_rows, self.rest, self.stats
+        self._rows = rows
+        hits, rest, seen = self.hits, self.rest, self.seen
         columns = zip(candidates, rows, keys, kinds, blobs, vouched, strict=False)  # repeat()
         for path, row, key, kind, blob, sure in columns:
             if sure and key[1] <= max_size:
                 hits.append(make(path, kind, key[1], blob, targets.get(path) if targets else None))
-                hit_rows.append(row)
-                stats.append(None)
                 continue
             st = known.get(path) if known else None
             if st is None:
                 try:
                     st = lstat(prefix + path)
                 except OSError as exc:
-                    stats.append(None)
                     rest.append((path, row, None, exc))
                     continue
-            stats.append(st)
+            seen[path] = st
             if (
                 key == (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
                 and key[1] <= max_size
             ):
                 hits.append(make(path, kind, key[1], blob, targets.get(path) if targets else None))
-                hit_rows.append(row)
             else:
                 rest.append((path, row, st, None))
         self._sort_rest()
@@ -824,8 +825,20 @@ class _Scan:
 
     def known(self) -> dict[str, os.stat_result]:
         """The stats this scan took, by path."""
-        pairs = zip(self.listing.candidates, self.stats, strict=True)
-        return {path: st for path, st in pairs if st is not None}
+        return self.seen
+
+    @property
+    def hit_rows(self) -> list[int]:
+        """The cache row of each hit. Every candidate is a hit or in `rest`, and a candidate
+        without a row is never a hit, so these are worked out when asked, not in the loop."""
+        if self._hit_rows is None:
+            again = {row for _, row, _, _ in self.rest}
+            self._hit_rows = [row for row in self._rows if row >= 0 and row not in again]
+        return self._hit_rows
+
+    @hit_rows.setter
+    def hit_rows(self, rows: list[int]) -> None:
+        self._hit_rows = rows
 
     def entries(self) -> list[Entry]:
         return self.hits + self.others

@@ -38,7 +38,14 @@ from agent.protocol.objects import (
 )
 from agent.protocol.objects import diff as tree_diff
 from launcher import home
-from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet
+from launcher.fleet import (
+    NodeConn,
+    failed,
+    on_each,
+    on_each_settled,
+    open_fleet,
+    open_fleet_settled,
+)
 from launcher.nodes import Node
 from launcher.ops import author, freeze_dir, local_store, upload_bundle
 from launcher.records import JobRecord, Records
@@ -283,11 +290,16 @@ async def revisions_on(conn: NodeConn, job: str) -> list[Revision]:
 
 
 async def revisions(ref: str) -> list[dict[str, Any]]:
-    """One row per revision, with the nodes that acknowledged it."""
+    """One row per revision, with the nodes that acknowledged it. A node that cannot be
+    reached is left out of every row (the history is still shown); none reachable is an error."""
     record = find_job(ref)
     nodes = [Node.from_dict(n) for n in record.nodes]
-    async with open_fleet(nodes) as conns:
+    async with open_fleet_settled(nodes) as items:
+        conns = [x for x in items if isinstance(x, NodeConn)]
         per_node = await on_each_settled(conns, lambda c: revisions_on(c, record.id))
+    errors = [x for x in [*items, *per_node] if isinstance(x, LaunchError)]
+    if len(errors) >= len(nodes):
+        raise failed(f"no node of {record.id} answered", errors)
     rows: dict[int, dict[str, Any]] = {}
     for conn, revs in zip(conns, per_node, strict=True):
         if isinstance(revs, LaunchError):

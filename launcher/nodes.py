@@ -91,7 +91,11 @@ def load_clusters(start: Path) -> dict[str, dict[str, Any]]:
 
 
 def parse_host(spec: str, index: int, cluster: dict[str, Any]) -> Node:
-    """`alias`, `host:port`, `user@host:port` (IPv6 in brackets) into an SSH node."""
+    """`alias`, `host:port`, `user@host:port` (IPv6 in brackets) into an SSH node;
+    `unix:/path/agent.sock` into an agent on this machine (several agents on one machine)."""
+    if spec.strip().startswith("unix:"):
+        path = os.path.expanduser(spec.strip().removeprefix("unix:"))
+        return Node(name=spec.strip(), kind="local", socket=path)
     match = HOST_RE.match(spec.strip())
     if not match:
         raise InvalidParams(f"cannot read host {spec!r}: expected [user@]host[:port]")
@@ -133,12 +137,14 @@ def resolve_nodes(
     hostfile: Path | None,
     cluster: str | None,
     start: Path,
+    candidates: bool = False,
 ) -> list[Node]:
     """The nodes a submit runs on, in rank order.
 
     --hosts or --hostfile pin exact hosts (with the named or default cluster's settings);
     --cluster or a default cluster gives its hosts; with none configured, --nodes N means N
-    agents on this machine.
+    agents on this machine. With `candidates`, a cluster's hosts are all returned, for the
+    caller to choose --nodes N of them that can take the job now.
     """
     clusters = load_clusters(start)
     if cluster is not None and cluster not in clusters:
@@ -159,7 +165,8 @@ def resolve_nodes(
     if nodes is not None:
         if nodes > len(specs):
             raise InvalidParams(f"--nodes {nodes} but only {len(specs)} hosts are given")
-        specs = specs[:nodes]
+        if not (candidates and not (hosts or hostfile)):
+            specs = specs[:nodes]
     return [parse_host(spec, i, settings) for i, spec in enumerate(specs)]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import random
 import secrets
 import socket
 import string
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.protocol.errors import JobStateError, LaunchError, NodeUnreachable
+from agent.protocol.errors import Busy, JobStateError, LaunchError, NodeUnreachable
 from agent.protocol.objects import Manifest, Source, object_kind
 from launcher import home
 from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet, open_fleet_settled
 from launcher.nodes import Node, ensure_local_agents, open_node
+from launcher.placement import Candidate, busy_report, choose
 from launcher.records import JobRecord, Records
 
 BATCH_BYTES = 16 * 2**20
@@ -85,6 +87,9 @@ class SubmitOptions:
     message: str = ""
     max_file_size: int | None = None
     login: bool = True
+    count: int | None = None  # --nodes N of a larger cluster: chosen by what is free
+    gpus_per_node: int = -1  # -1: every GPU of each node
+    wait: float | None = None  # seconds to wait for capacity (0: forever); None: fail at once
     # A rerun ships exactly this manifest instead of freezing `directory`.
     manifest: Manifest | None = None
     reason: str = "submit"
@@ -98,6 +103,7 @@ class Progress:
     on_upload_start: Callable[[int, int], None] = lambda nbytes, nblobs: None
     on_upload: Callable[[int], None] = lambda nbytes: None
     on_upload_end: Callable[[], None] = lambda: None
+    on_wait: Callable[[list[str]], None] = lambda reasons: None
 
 
 @dataclass
@@ -125,6 +131,12 @@ def author() -> str:
 
 
 async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submitted:
+    """Freeze, choose nodes, upload, prepare everywhere, then start everywhere.
+
+    With `opts.wait` set (seconds; 0 = forever), a job that cannot get its nodes or GPUs now
+    waits for them, retrying after a randomised backoff, so two launchers racing for the same
+    nodes never deadlock; otherwise it fails with Busy (exit 6) naming what holds them.
+    """
     progress = progress or Progress()
     # Freeze first: a bad source tree must not bring up local agents as a side effect.
     if opts.manifest is None:
@@ -135,27 +147,93 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
     await asyncio.to_thread(ensure_local_agents, opts.nodes)
     if frozen is not None:
         progress.on_frozen(frozen)
+    deadline = None if not opts.wait else time.monotonic() + opts.wait
+    while True:
+        try:
+            nodes = await _place(opts)
+            job, conns_info, missing = await _run_on(opts, nodes, manifest, source, progress)
+            break
+        except* Busy as group:
+            if opts.wait is None or (deadline is not None and time.monotonic() > deadline):
+                raise
+            progress.on_wait([str(e) for e in group.exceptions])
+            await asyncio.sleep(random.uniform(0.5, 2.0))
+    records = Records(home.records_path())
+    try:
+        records.add(
+            job,
+            opts.name,
+            [n.to_dict() for n in nodes],
+            opts.directory.resolve(),
+            opts.argv,
+            manifest.bundle_id,
+        )
+    finally:
+        records.close()
+    sizes = {e.blob: e.size for e in manifest.entries}
+    return Submitted(
+        job,
+        manifest.bundle_id,
+        nodes,
+        conns_info,
+        [len(m) for m in missing],
+        [sum(sizes[b] for b in m) for m in missing],
+        frozen,
+    )
+
+
+async def _place(opts: SubmitOptions) -> list[Node]:
+    """The nodes to run on: all given, or --nodes N of a larger cluster that can take the job
+    now (fewest busy GPUs first); Busy, naming what holds the others, when too few can."""
+    count = opts.count or len(opts.nodes)
+    if len(opts.nodes) <= count:
+        return opts.nodes
+    infos = await node_infos(opts.nodes)
+    candidates = [
+        Candidate(i, row["node"], row if row["reachable"] else None, row.get("error", ""))
+        for i, row in enumerate(infos)
+    ]
+    chosen = choose(candidates, count, opts.gpus_per_node)
+    if chosen is None:
+        report = busy_report(candidates, opts.gpus_per_node)
+        raise Busy(
+            f"{count} nodes needed, fewer can take the job now: " + "; ".join(report), report
+        )
+    return [opts.nodes[c.index] for c in chosen]
+
+
+async def _run_on(
+    opts: SubmitOptions,
+    nodes: list[Node],
+    manifest: Manifest,
+    source: Source,
+    progress: Progress,
+) -> tuple[str, list[str], list[list[str]]]:
+    """Two phases on exactly these nodes; nothing starts unless every node prepared."""
     job = new_job_id()
     store = local_store()
-    async with open_fleet(opts.nodes) as conns:
+    async with open_fleet(nodes) as conns:
         missing = await upload_bundle(conns, manifest, store, progress)
-        sizes = {e.blob: e.size for e in manifest.entries}
-        peers = [c.address for c in conns]
         params = {
             "job": job,
             "bundle": manifest.bundle_id,
             "argv": opts.argv,
             "env": opts.env,
             "nnodes": len(conns),
-            "peers": peers,
+            "peers": [c.address for c in conns],
             "name": opts.name,
             "author": author(),
             "message": opts.message,
             "source": source.to_wire(),
             "reason": opts.reason,
             "login": opts.login,
+            "gpus": opts.gpus_per_node,
         }
         try:
+            if opts.gpus_per_node != 0:
+                # GPUs of node 0 first, by a quick reservation: of two launchers after the
+                # same nodes, one gets node 0 and the other stops there, holding nothing.
+                await conns[0].client.call("reserve", {"job": job, "gpus": opts.gpus_per_node})
             prepared = await on_each(
                 conns, lambda c: c.client.call("prepare", {**params, "rank": c.rank}), "prepare"
             )
@@ -173,27 +251,7 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
             # Rare (a node died between the phases): stop what did start; say so.
             await on_each_settled(conns, lambda c: c.client.call("cancel", {"job": job}))
             raise
-    records = Records(home.records_path())
-    try:
-        records.add(
-            job,
-            opts.name,
-            [n.to_dict() for n in opts.nodes],
-            opts.directory.resolve(),
-            opts.argv,
-            manifest.bundle_id,
-        )
-    finally:
-        records.close()
-    return Submitted(
-        job,
-        manifest.bundle_id,
-        opts.nodes,
-        [c.address for c in conns],
-        [len(m) for m in missing],
-        [sum(sizes[b] for b in m) for m in missing],
-        frozen,
-    )
+        return job, [c.address for c in conns], missing
 
 
 async def upload_bundle(

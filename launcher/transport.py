@@ -147,12 +147,10 @@ class SshPool:
                 return AgentStream(reader, writer, address, "forward")
             except asyncssh.ChannelOpenError as exc:
                 # OpenSSH answers a direct-streamlocal refused by `AllowTcpForwarding no` with
-                # the same "open failed" as a socket nobody listens on. Only where forwarding
-                # worked before does it mean the agent is down; otherwise `dial` tells.
-                if self._via.get(key) == "forward" or exc.code not in (
-                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                    asyncssh.OPEN_CONNECT_FAILED,
-                ):
+                # the same "open failed" as a socket nobody listens on (and other servers may
+                # not know the channel type). Only where forwarding worked before does it mean
+                # the agent is down; otherwise `dial` goes and says which it is.
+                if self._via.get(key) == "forward":
                     raise NodeUnreachable(target.host, _no_agent(target, exc.reason)) from None
             except (OSError, asyncssh.Error) as exc:
                 raise NodeUnreachable(target.host, _reason(target, exc)) from None
@@ -170,20 +168,20 @@ class SshPool:
             raise NodeUnreachable(target.host, _reason(target, exc)) from None
         # `dial --announce` says one line once it reached the agent; anything else (it could
         # not connect, or is not installed) ends with the reason on stderr.
+        reason = f"`{command}` did not connect"
         try:
             line = await asyncio.wait_for(process.stdout.readline(), DIAL_TIMEOUT_S)
         except (TimeoutError, OSError, asyncssh.Error):
-            line = b""
+            line, reason = b"", f"no answer from `{command}` within {DIAL_TIMEOUT_S:.0f} s"
         if line == DIAL_OK:
             return AgentStream(process.stdout, process.stdin, address, "dial")
-        process.close()
         try:
             err = await asyncio.wait_for(process.stderr.read(), 5)
         except (TimeoutError, OSError, asyncssh.Error):
             err = b""
+        process.close()
         said = [x for x in err.decode("utf-8", "replace").splitlines() if x.strip()]
-        reason = said[-1].strip() if said else f"`{command}` did not connect"
-        raise NodeUnreachable(target.host, _no_agent(target, reason))
+        raise NodeUnreachable(target.host, _no_agent(target, said[-1].strip() if said else reason))
 
     async def close(self) -> None:
         for conn in self._conns.values():

@@ -366,9 +366,11 @@ def tree(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "t"
     if request.param == "git":
         git_repo(root, files)
+        age(root)
+        git(root, "status")  # as a user would: git refreshes its index, and can vouch
     else:
         write(root, files)
-    age(root)
+        age(root)
     yield root
 
 
@@ -433,17 +435,23 @@ def test_attributes_stop_git_vouching(tmp_path: Path, store: Store) -> None:
     assert freeze(root, store, cache_path=cache).files_read == 1
 
 
-def test_line_endings_changed_under_autocrlf(tmp_path: Path, store: Store) -> None:
-    """git status calls CRLF bytes clean under core.autocrlf; the bundle still holds them."""
+@pytest.mark.parametrize("staged", [False, True])
+def test_line_endings_changed_under_autocrlf(tmp_path: Path, store: Store, staged: bool) -> None:
+    """Under core.autocrlf git takes CRLF for the LF it holds (after `git add`, even its index
+    stat is the new file's); the bundle holds the CRLF bytes all the same."""
     root = git_repo(tmp_path / "repo", {"a.txt": "one\ntwo\n"})
     git(root, "config", "core.autocrlf", "true")
     age(root)
+    git(root, "status")
     cache = tmp_path / "stat"
     freeze(root, store, cache_path=cache)
     write(root, {"a.txt": "one\r\ntwo\r\n"})
+    os.utime(root / "a.txt", (HOUR_AGO, HOUR_AGO + 5))  # not racy: git will trust its stat
+    if staged:
+        git(root, "add", "a.txt")  # the index blob stays the LF one
     frozen = freeze(root, store, cache_path=cache)
     assert store.get(frozen.manifest.by_path()["a.txt"].blob) == b"one\r\ntwo\r\n"
-    assert frozen.source.dirty is False  # as git status says, with the user's settings
+    assert frozen.source.dirty is bool(git(root, "status", "--porcelain"))  # as git says
 
 
 def test_a_file_changed_just_now_is_not_trusted(tmp_path: Path, store: Store) -> None:

@@ -75,6 +75,7 @@ class Prepare:
     # False: run the command without the owner's shell profile (a clean, faster start).
     login: bool = True
     reason: str = "submit"  # or "rerun": the same code, command and environment as another job
+    gpus: int = -1  # GPUs to reserve on this node; -1: all of them (Busy if any is held)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,15 @@ class Metrics:
     buckets: int = 0
 
 
+@dataclass(frozen=True)
+class Reserve:
+    """Hold GPUs for a job about to be prepared (a quick first step on node 0, so racing
+    launchers are settled there). Expires like a prepared job's. Result: {gpus: [...]}."""
+
+    job: str
+    gpus: int = -1
+
+
 METHODS: dict[str, type] = {
     "hello": Hello,
     "node_info": NodeInfo,
@@ -210,6 +220,7 @@ METHODS: dict[str, type] = {
     "patch_abort": PatchAbort,
     "get_blobs": GetBlobs,
     "metrics": Metrics,
+    "reserve": Reserve,
 }
 NOTIFICATIONS = ("log",)
 
