@@ -91,23 +91,9 @@ async def run_agent(config: Config) -> None:
     agent = Agent(
         state=state, store=store, revlog=revlog, jobs=jobs, hostname=hostname, system=config.system
     )
-    from agent import metrics, patches
-    from agent.watcher import METRICS, DriftWatcher
+    from agent.background import start_watching
 
-    async def on_change(key: str) -> None:
-        if key.startswith(METRICS):
-            job_id = key.removeprefix(METRICS)
-            metrics.ingest(revlog, state.job(job_id), job_id)
-        else:
-            await patches.check_drift(jobs, store, revlog, key)
-
-    def on_ended(job_id: str) -> None:
-        drift.unwatch(job_id)
-        metrics.ingest(revlog, state.job(job_id), job_id)
-
-    drift = DriftWatcher(on_change)
-    jobs.on_running = lambda job_id, paths: drift.watch(job_id, paths.code, paths.metrics_dir)
-    jobs.on_ended = on_ended
+    drift = start_watching(jobs, store, revlog)
     install_runtime(state)
     counts = jobs.recover()
     log.info("recovered jobs: %s", counts)

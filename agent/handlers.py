@@ -236,6 +236,26 @@ async def metrics(agent: Agent, caller: Caller, p: m.Metrics, notify: Notify) ->
     return metrics_mod.series(agent.revlog, job.id, p.buckets)
 
 
+async def find_artifacts(agent: Agent, caller: Caller, p: m.FindArtifacts, notify: Notify) -> Any:
+    if p.job:
+        job = agent.jobs.owned(p.job, caller.uid)
+        rows = agent.revlog.artifacts(job_id=job.id)
+        rows = [r for r in rows if not p.path or r["path"] == p.path]
+    else:
+        rows = agent.revlog.artifacts(sha256=p.sha256.lower())
+    out = []
+    for row in rows:
+        job = agent.revlog.get(row["job"])
+        if caller.uid in (0, job.owner):
+            out.append({**row, "node": agent.hostname, "rank": job.rank})
+    return {"artifacts": out}
+
+
+async def facts(agent: Agent, caller: Caller, p: m.Facts, notify: Notify) -> Any:
+    job = agent.jobs.owned(p.job, caller.uid)
+    return {"facts": agent.revlog.facts(job.id)}
+
+
 HANDLERS: dict[str, Callable[[Agent, Caller, Any, Notify], Awaitable[Any]]] = {
     "hello": hello,
     "node_info": node_info,
@@ -257,5 +277,7 @@ HANDLERS: dict[str, Callable[[Agent, Caller, Any, Notify], Awaitable[Any]]] = {
     "get_blobs": get_blobs,
     "metrics": metrics,
     "reserve": reserve,
+    "find_artifacts": find_artifacts,
+    "facts": facts,
 }
 assert HANDLERS.keys() == m.METHODS.keys(), "every method has exactly one handler"

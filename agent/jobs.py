@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from agent import secrets
 from agent.codedir import read_staged
 from agent.gpus import GpuLedger
 from agent.paths import JobPaths, StatePaths, publish_json, read_json
@@ -33,6 +34,7 @@ from agent.protocol.errors import (
     InvalidParams,
     JobNotFound,
     JobStateError,
+    LaunchError,
     ObjectMissing,
     PermissionDenied,
 )
@@ -96,6 +98,7 @@ class JobManager:
         # Set by the daemon (the drift watcher): told when a job runs and when it ends.
         self.on_running: Callable[[str, JobPaths], None] = lambda job_id, paths: None
         self.on_ended: Callable[[str], None] = lambda job_id: None
+        self.on_started: Callable[[str], None] = lambda job_id: None
 
     def lock(self, job_id: str) -> asyncio.Lock:
         """Held while a job's code directory changes (patch commit, drift check)."""
@@ -155,6 +158,11 @@ class JobManager:
         if self.is_root:
             for owned in (paths.outputs, paths.metrics_dir):
                 os.chown(owned, owner.uid, owner.gid)
+        recorded_env, secret_env = secrets.split(dict(p.env))
+        secret_env = {k: v for k, v in secret_env.items() if v != secrets.REDACTED}
+        if p.env_from:  # a rerun: the secret values of the job it repeats, on this node
+            source = self.owned(p.env_from, uid)
+            secret_env = {**secrets.load(self.paths(source.id).secrets), **secret_env}
         now = time.time_ns()
         revision = Revision(
             job=p.job,
@@ -174,7 +182,7 @@ class JobManager:
             owner=uid,
             name=p.name,
             argv=list(p.argv),
-            env=dict(p.env),
+            env=recorded_env,
             rank=p.rank,
             nnodes=p.nnodes,
             peers=list(p.peers),
@@ -184,6 +192,11 @@ class JobManager:
             login=p.login,
             gpus=len(gpus),
         )
+        secrets.save(paths.secrets, secret_env)
+        if p.init_from:
+            self.revlog.add_fact(p.job, "init_from", p.init_from)
+        if p.data:
+            self.revlog.add_fact(p.job, "data_request", {"dirs": p.data, "hash": p.data_hash})
         self.publish_revision(paths, revision)
         self.revlog.create_job(job, revision)
         return self._prepared(job)
@@ -291,8 +304,27 @@ class JobManager:
             started_ns=time.time_ns(),
             shim_pid=shim.pid,
             shim_start=create_time,
+            start_revision=head.number,
         )
         self._watch(job.id, shim.pid)
+        self.on_started(job.id)
+
+    def job_variables(self, job_id: str) -> dict[str, str]:
+        """The variables the job's command gets on top of its login environment."""
+        job = self.revlog.get(job_id)
+        return self._job_variables(job, self.paths(job_id), self.revlog.head(job_id))
+
+    def _init_from_path(self, job: Job) -> str:
+        """LAUNCH_INIT_FROM: where the parent artifact is on this node ("" if not here)."""
+        facts = self.revlog.facts(job.id, "init_from")
+        if not facts:
+            return ""
+        parent = facts[-1]["data"]
+        try:
+            path = self.paths(str(parent.get("job", ""))).outputs / str(parent.get("path", ""))
+        except LaunchError:
+            return ""
+        return str(path) if path.exists() else ""
 
     def _job_variables(self, job: Job, paths: JobPaths, head: Revision) -> dict[str, str]:
         master_addr = job.master_addr or "127.0.0.1"
@@ -319,11 +351,13 @@ class JobManager:
             # Only this job's GPUs are visible to it (none: an empty list hides them all).
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpus.of(job.id))),
             "LAUNCH_GPUS": ",".join(map(str, self.gpus.of(job.id))),
+            "LAUNCH_INIT_FROM": self._init_from_path(job),
         }
         # Live logs by default; a submitter may still choose otherwise with --env. The
         # runtime helper (launch_runtime) is importable, before the submitter's own path.
         pythonpath = ":".join(p for p in (str(self.state.runtime), job.env.get("PYTHONPATH")) if p)
-        return {"PYTHONUNBUFFERED": "1", **job.env, "PYTHONPATH": pythonpath, **ours}
+        env = {**job.env, **secrets.load(paths.secrets)}  # the recorded env has them redacted
+        return {"PYTHONUNBUFFERED": "1", **env, "PYTHONPATH": pythonpath, **ours}
 
     # ------------------------------------------------------------------- ending
 

@@ -115,6 +115,12 @@ class JobPaths:
         return self.metrics_dir / "metrics.jsonl"
 
     @property
+    def secrets(self) -> Path:
+        """Values of --env names that look secret: kept out of every record, read only by
+        the agent when it starts the job."""
+        return self.root / "secrets.json"
+
+    @property
     def staged(self) -> Path:
         """Files of a prepared patch, waiting for commit (same filesystem as code/)."""
         return self.root / "staged"

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     master_port INTEGER,
     login INTEGER NOT NULL DEFAULT 1,
     metrics_offset INTEGER NOT NULL DEFAULT 0,
-    gpus INTEGER NOT NULL DEFAULT 0
+    gpus INTEGER NOT NULL DEFAULT 0,
+    start_revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS revisions (
     job TEXT NOT NULL REFERENCES jobs(id),
@@ -68,6 +69,26 @@ CREATE TABLE IF NOT EXISTS gpu_holds (
     gpu INTEGER PRIMARY KEY,
     job TEXT NOT NULL,  -- reserved before the job's row exists (prepare fails fast)
     expires_ns INTEGER
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    job TEXT NOT NULL,
+    path TEXT NOT NULL,
+    closed_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    step INTEGER,
+    revision INTEGER NOT NULL,
+    since BLOB NOT NULL,
+    PRIMARY KEY (job, path, closed_ns)
+);
+CREATE INDEX IF NOT EXISTS artifacts_by_sha ON artifacts(sha256);
+CREATE TABLE IF NOT EXISTS facts (
+    job TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    at_ns INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job, seq)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -108,6 +129,7 @@ class Job:
     login: bool = True
     metrics_offset: int = 0
     gpus: int = 0
+    start_revision: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -253,6 +275,60 @@ class RevLog:
         )
         return [tuple(r) for r in rows]
 
+    # ---------------------------------------------------------------------- provenance
+
+    def add_artifact(
+        self,
+        job_id: str,
+        path: str,
+        closed_ns: int,
+        size: int,
+        sha256: str,
+        step: int | None,
+        revision: int,
+        since: list[int],
+    ) -> None:
+        with self._transaction():
+            self.db.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, path, closed_ns, size, sha256, step, revision, msgpack.packb(since)),
+            )
+
+    def artifacts(
+        self, job_id: str | None = None, sha256: str | None = None
+    ) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM artifacts WHERE 1=1", list[Any]()
+        if job_id is not None:
+            sql += " AND job=?"
+            args.append(job_id)
+        if sha256 is not None:
+            sql += " AND sha256=?"
+            args.append(sha256)
+        rows = self.db.execute(sql + " ORDER BY closed_ns", args)
+        return [{**dict(r), "since": msgpack.unpackb(r["since"])} for r in rows]
+
+    def add_fact(self, job_id: str, kind: str, data: Any) -> None:
+        """A recorded fact about a job: its environment at a start, its data, its parent."""
+        with self._transaction():
+            row = self.db.execute(
+                "SELECT COALESCE(MAX(seq), -1) FROM facts WHERE job=?", (job_id,)
+            ).fetchone()
+            self.db.execute(
+                "INSERT INTO facts VALUES (?, ?, ?, ?, ?)",
+                (job_id, row[0] + 1, kind, time.time_ns(), msgpack.packb(data, use_bin_type=True)),
+            )
+
+    def facts(self, job_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT kind, at_ns, data FROM facts WHERE job=?", list[Any]([job_id])
+        if kind is not None:
+            sql += " AND kind=?"
+            args.append(kind)
+        rows = self.db.execute(sql + " ORDER BY seq", args)
+        return [
+            {"kind": r["kind"], "at_ns": r["at_ns"], "data": msgpack.unpackb(r["data"], raw=False)}
+            for r in rows
+        ]
+
     # --------------------------------------------------------------------------- GPUs
 
     def reserve_gpus(
@@ -308,18 +384,19 @@ class RevLog:
             self.db.execute("DELETE FROM gpu_holds WHERE job=?", (job_id,))
 
     def gpu_holders(self, now_ns: int) -> dict[int, dict[str, Any]]:
-        """Live holds (not expired): gpu -> {job, owner, owner_name}."""
+        """Live holds (not expired): gpu -> {job, owner, owner_name}. A hold made by `reserve`
+        before its job is recorded counts too (owner None, owner_name "?")."""
         import pwd
 
         rows = self.db.execute(
-            "SELECT h.gpu, h.job, j.owner FROM gpu_holds h JOIN jobs j ON j.id = h.job "
+            "SELECT h.gpu, h.job, j.owner FROM gpu_holds h LEFT JOIN jobs j ON j.id = h.job "
             "WHERE h.expires_ns IS NULL OR h.expires_ns >= ?",
             (now_ns,),
         )
         out = {}
         for gpu, job, owner in rows:
             try:
-                name = pwd.getpwuid(owner).pw_name
+                name = "?" if owner is None else pwd.getpwuid(owner).pw_name
             except KeyError:
                 name = str(owner)
             out[gpu] = {"job": job, "owner": owner, "owner_name": name}

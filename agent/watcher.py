@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,8 +37,10 @@ from watchdog.observers.api import ObservedWatch
 
 log = logging.getLogger("launch-agent")
 
-# Keys of metrics watches: the job id after this prefix.
+# Keys of metrics and outputs watches, and of work queued at a job's start.
 METRICS = "metrics:"
+ARTIFACT = "artifact:"
+ENVIRONMENT = "environment:"
 CHANGES: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileDeletedEvent,
@@ -51,14 +54,25 @@ CHANGES: list[type[FileSystemEvent]] = [
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: DriftWatcher, job_id: str) -> None:
+    """Pokes `key`; for an outputs watch, the key names the file (`artifact:JOB:PATH`)."""
+
+    def __init__(self, watcher: DriftWatcher, key: str, root: Path | None = None) -> None:
         self.watcher = watcher
-        self.job_id = job_id
+        self.key = key
+        self.root = root
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        self.watcher.poke(self.job_id)
+        if self.root is None:
+            self.watcher.poke(self.key)
+            return
+        if event.is_directory or event.event_type not in ("closed", "moved"):
+            return  # an artifact is recorded when it is closed after writing, or moved in
+        path = os.fsdecode(event.dest_path if event.event_type == "moved" else event.src_path)
+        rel = os.path.relpath(path, self.root)
+        if not rel.startswith(".."):
+            self.watcher.poke(f"{self.key}:{rel}")
 
 
 class DriftWatcher:
@@ -70,48 +84,68 @@ class DriftWatcher:
         self.observer = Observer()
         self.watches: dict[str, ObservedWatch] = {}
 
-    def watch(self, job_id: str, code: Path, metrics_dir: Path) -> None:
-        """Watch a running job: its code directory (drift) and its metrics directory."""
+    def watch(self, job_id: str, code: Path, metrics_dir: Path, outputs: Path) -> None:
+        """Watch a running job: its code directory (drift), its metrics directory, and its
+        outputs (artifacts)."""
         self.unwatch(job_id)
-        for key, path, recursive in ((job_id, code, True), (METRICS + job_id, metrics_dir, False)):
+        for key, path, recursive, root in (
+            (job_id, code, True, None),
+            (METRICS + job_id, metrics_dir, False, None),
+            (ARTIFACT + job_id, outputs, True, outputs),
+        ):
             try:
                 self.watches[key] = self.observer.schedule(
-                    _Handler(self, key), str(path), recursive=recursive, event_filter=CHANGES
+                    _Handler(self, key, root),
+                    str(path),
+                    recursive=recursive,
+                    event_filter=CHANGES,
                 )
             except OSError as exc:  # e.g. the inotify watch limit: say so, keep serving
                 log.warning("cannot watch %s: %s", path, exc)
 
     def unwatch(self, job_id: str) -> None:
-        for key in (job_id, METRICS + job_id):
+        for key in (job_id, METRICS + job_id, ARTIFACT + job_id):
             watch = self.watches.pop(key, None)
             if watch is not None:
                 with contextlib.suppress(KeyError, OSError):
                     self.observer.unschedule(watch)
 
-    def poke(self, job_id: str) -> None:
-        """From the observer's thread: queue a check of this job."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, job_id)
+    def poke(self, key: str) -> None:
+        """From any thread: queue work under `key` (debounced; one at a time per key)."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, key)
 
     async def run(self) -> None:
-        """Debounce pokes and run checks, until cancelled."""
+        """Debounce pokes and run each due check as its own task, until cancelled. A key
+        poked while its check runs is checked again after it: nothing is missed, and one
+        slow check (hashing a large artifact) never holds up the others."""
         self.observer.start()
         due: dict[str, float] = {}
+        running: set[str] = set()
         try:
-            while True:
-                timeout = max(0.0, min(due.values()) - time.monotonic()) if due else None
-                try:
-                    job_id = await asyncio.wait_for(self.queue.get(), timeout)
-                    due[job_id] = time.monotonic() + self.debounce_s
-                    continue
-                except TimeoutError:
-                    pass
-                now = time.monotonic()
-                for job_id in [j for j, t in due.items() if t <= now]:
-                    del due[job_id]
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    timeout = max(0.0, min(due.values()) - time.monotonic()) if due else None
                     try:
-                        await self.check(job_id)
-                    except Exception:
-                        log.exception("drift check of %s failed", job_id)
+                        key = await asyncio.wait_for(self.queue.get(), timeout)
+                        due[key] = time.monotonic() + self.debounce_s
+                        continue
+                    except TimeoutError:
+                        pass
+                    now = time.monotonic()
+                    for key in [k for k, t in due.items() if t <= now and k not in running]:
+                        del due[key]
+                        running.add(key)
+                        tg.create_task(self._check(key, running))
+                    for key in [k for k, t in due.items() if t <= now]:
+                        due[key] = now + self.debounce_s  # its check still runs: later
         finally:
             self.observer.stop()
             self.observer.join()
+
+    async def _check(self, key: str, running: set[str]) -> None:
+        try:
+            await self.check(key)
+        except Exception:
+            log.exception("check of %s failed", key)
+        finally:
+            running.discard(key)

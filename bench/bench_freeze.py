@@ -46,10 +46,14 @@ def run(reps: int | None = None) -> dict[str, Any]:
     WORK.mkdir(parents=True)
     repo = _prepared_repo(tree)
 
+    load_before = os.getloadavg()
     cold = _cold(tree, repo, reps or COLD_REPS)
     warm = _warm(repo, reps or WARM_REPS)
     plain = _plain(tree, reps or COLD_REPS)
     results: dict[str, Any] = {
+        # Other work on the machine slows both sides, but launch more: it runs three git
+        # processes and itself, which on an idle machine overlap on two cores.
+        "load_average": [load_before, os.getloadavg()],
         "corpus": {
             "project": PROJECT,
             "version": VERSION,
@@ -200,10 +204,12 @@ def _report(r: dict[str, Any]) -> None:
         f"\n## freeze vs git: {c['project']} {c['version']} sdist, {c['files']:,} files in "
         f"{c['dirs']:,} directories, {c['bytes'] / 1e6:.1f} MB"
     )
+    before, after = r["load_average"]
     print(
-        f"\n{r['cpus']} CPUs; medians of {len(cold['launch_s'])} (cold) and "
-        f"{len(warm['launch_s'])} (warm) alternating runs; warm page cache on both sides, "
-        "file system synced before each timed run.\n"
+        f"\n{r['cpus']} CPUs, load average {before[0]:.1f} before and {after[0]:.1f} after; "
+        f"medians of {len(cold['launch_s'])} (cold) and {len(warm['launch_s'])} (warm) "
+        "alternating runs; warm page cache on both sides, file system synced before each "
+        "timed run.\n"
     )
     print("| measurement | launch s | git s | ratio | target |")
     print("| --- | ---: | ---: | ---: | --- |")

@@ -222,6 +222,21 @@ def _nodes_options(fn: Any) -> Any:
     "over SSH; --no-login-shell starts it with the system PATH and --env only.",
 )
 @click.option(
+    "--data",
+    "data",
+    multiple=True,
+    metavar="PATH",
+    help="An input directory on the nodes to fingerprint (repeatable).",
+)
+@click.option("--data-hash", is_flag=True, help="Fingerprint --data with content hashes too.")
+@click.option(
+    "--init-from",
+    "init_from",
+    metavar="JOB:PATH",
+    help="Start from an artifact of another job: recorded as this job's parent, "
+    "its path given in LAUNCH_INIT_FROM.",
+)
+@click.option(
     "--gpus-per-node",
     "gpus",
     type=click.IntRange(min=0),
@@ -253,6 +268,9 @@ def submit(
     as_json: bool,
     message: str,
     login: bool,
+    data: tuple[str, ...],
+    data_hash: bool,
+    init_from: str | None,
     gpus: int | None,
     wait: float | None,
     max_file_size: str | None,
@@ -298,6 +316,9 @@ def submit(
         count=nnodes,
         gpus_per_node=-1 if gpus is None else gpus,
         wait=wait,
+        data=list(data),
+        data_hash=data_hash,
+        init_from=run(_parent_artifact(init_from)) if init_from else {},
     )
     bar = render.UploadBar(enabled=not as_json)
     waiting: list[list[str]] = []
@@ -325,6 +346,13 @@ def submit(
         return
     code = run(ops.follow_submitted(submitted, sys.stdout, sys.stdout.isatty()))
     sys.exit(code)
+
+
+async def _parent_artifact(spec: str) -> dict[str, Any]:
+    from launcher import provenance
+
+    found = await provenance.resolve_artifact(spec)
+    return {k: found[k] for k in ("job", "path", "sha256", "revision", "node_name")}
 
 
 # ------------------------------------------------------------------------- job commands
@@ -546,10 +574,17 @@ def checkout(ref: str, directory: Path) -> None:
 @click.argument("ref_a")
 @click.argument("ref_b")
 def diff_cmd(ref_a: str, ref_b: str) -> None:
-    """A unified diff between two revisions, of one job or two (JOB@rN, or JOB for its head)."""
-    from launcher import history
+    """A unified diff between two revisions, of one job or two (JOB@rN, or JOB for its head).
+
+    Given two jobs (no @rN), also compares their command, environment, packages, input data
+    and nodes; a section without differences is one line.
+    """
+    from launcher import history, provenance
 
     sys.stdout.write(run(history.diff(ref_a, ref_b)))
+    if "@" not in ref_a and "@" not in ref_b:  # two jobs: everything recorded, not just code
+        facts = [run(provenance.job_facts(ref)) for ref in (ref_a, ref_b)]
+        sys.stdout.write("".join(provenance.compare(*facts)))
 
 
 @main.command()
@@ -619,6 +654,35 @@ def watch(paths: tuple[Path, ...], job: str | None) -> None:
     from launcher import history
 
     run(history.watch(job, list(paths), sys.stdout))
+
+
+@main.command(name="provenance")
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+def provenance_cmd(target: str, as_json: bool) -> None:
+    """Which job, node and revisions produced TARGET: a local file (found by its SHA-256, or
+    its NAME.launch.json sidecar) or JOB:PATH under a job's outputs."""
+    from launcher import provenance, render
+
+    result = run(provenance.provenance(target))
+    if as_json:
+        render.print_json(result)
+    else:
+        render.provenance_text(result)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+def lineage(job: str, as_json: bool) -> None:
+    """The jobs and artifacts that led to JOB (through submit --init-from)."""
+    from launcher import provenance, render
+
+    result = run(provenance.lineage(job))
+    if as_json:
+        render.print_json(result)
+    else:
+        render.lineage_text(result)
 
 
 # ---------------------------------------------------------------------------- local agents

@@ -16,19 +16,20 @@ Where the tree came from (commit, branch, dirty) is recorded beside the bundle a
 never inside the manifest: the bundle id depends on the files alone.
 
 Speed matters most when nothing changed since the last freeze: the target is the time
-`git status` takes. Three git processes start first and run on the other core: the untracked
-files, the tracked files with `-m` (git checks each against its index, in C, as git status
-does), and HEAD. A tracked file git calls unmodified, whose index blob is the git blob id the
-cache has for it, holds the cached bytes: git vouches for it, and it is not even stat-ed.
-Meanwhile this process stats only the rest (untracked and modified files) and builds the
-manifest of last time's listing; when git's output is byte for byte what it was last time,
-that is the answer. No file, blob or manifest is read or validated twice.
+`git status` takes. Three git processes start first and run on the other core: the tracked
+files with `-m` (git checks each against its index, in C, as git status does), the untracked
+files, and HEAD. git vouches for a tracked file it found unmodified when its index holds the
+blob the cache has for that file and the very stat the cache read it with: the file still
+holds the cached bytes, and it is not even stat-ed. Meanwhile this process stats the rest
+(untracked and modified files) and builds the manifest of last time's listing; when git's
+output is byte for byte what it was last time, that is the answer. No file, blob or manifest
+is read or validated twice.
 
-git vouches only where it compares raw bytes: its -m runs with core.autocrlf off and no
-global or system attributes file, and not at all (every file is stat-ed) when the repository
-has a `.gitattributes` file or `info/attributes`, whose filters (eol, LFS...) could make
-different bytes compare equal. Known gap: a `.gitattributes` file that is itself ignored is
-not seen (git still applies it).
+Why the stat as well as the blob: git compares bytes after its filters (core.autocrlf,
+.gitattributes), and under them CRLF can pass for the LF git holds. For a file whose stat
+changed, git's -m here compares raw bytes (core.autocrlf off, no global or system attributes
+file), and git vouches for nothing in a repository with a `.gitattributes` file or
+`info/attributes`. Known gap: a `.gitattributes` file that git itself ignores is not seen.
 """
 
 from __future__ import annotations
@@ -411,14 +412,8 @@ class _Git:
     def __init__(self, root: Path) -> None:
         self._root = root
         # C locale: git's messages are matched below. No optional locks: never write the
-        # user's index behind their back (git status would, to refresh it). No system
-        # attributes: see _LS_TRACKED.
-        self._env = {
-            **os.environ,
-            "LC_ALL": "C",
-            "GIT_OPTIONAL_LOCKS": "0",
-            "GIT_ATTR_NOSYSTEM": "1",
-        }
+        # user's index behind their back (git status would, to refresh it).
+        self._env = {**os.environ, "LC_ALL": "C", "GIT_OPTIONAL_LOCKS": "0"}
         self._files: list[IO[bytes]] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._staged: subprocess.Popen[bytes] | None = None
@@ -426,8 +421,9 @@ class _Git:
         self._index_key: statcache.Key | None = None
         self.memo: _StagedMemo | None = None  # what to remember for the next freeze
         self._tracked: subprocess.Popen[bytes] | None = None
-        try:
-            self._tracked = self._start(_LS_TRACKED, self._file(), subprocess.PIPE)
+        try:  # no system attributes file: see _LS_TRACKED
+            env = {**self._env, "GIT_ATTR_NOSYSTEM": "1"}
+            self._tracked = self._start(_LS_TRACKED, self._file(), subprocess.PIPE, env)
         except FileNotFoundError:  # no git here: every tree is a plain directory
             return
         self._untracked = self._start(_LS_UNTRACKED, self._file(), subprocess.DEVNULL)
@@ -437,11 +433,13 @@ class _Git:
         self._files.append(tempfile.TemporaryFile())  # noqa: SIM115 (closed by __exit__)
         return self._files[-1]
 
-    def _start(self, args: tuple[str, ...], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+    def _start(
+        self, args: tuple[str, ...], stdout: Any, stderr: Any, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             ["git", *args],
             cwd=self._root,
-            env=self._env,
+            env=env or self._env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
@@ -985,9 +983,11 @@ class _Scan:
         old = self.cache.table
         hit_row = dict(zip((e.path for e in self.hits), self.hit_rows, strict=True))
         fresh = {**self.rows, **read.rows}
-        new = statcache.Table(self.listing.candidates, [], [], [], "", {}, [])
         keys: list[statcache.Key] = []
+        kinds: list[str] = []
+        blobs: list[str] = []
         git_blobs: list[str] = []
+        targets: dict[str, str] = {}
         vouched: list[bool] = []
         # git's stats are at hand only in a listing parsed now; with last time's listing, a
         # hit keeps its voucher and a new row waits for the next listing to get one.
@@ -999,70 +999,25 @@ class _Scan:
                 vouch = recount
             elif path in hit_row:
                 i = hit_row[path]
-                key, kind, blob, git_blob = old.keys[i], old.kinds[i], old.blobs[i], old.git_blob(i)
-                vouch = recount or old.vouched[i]
+                key, kind, blob, git_blob = old.key(i), old.kinds[i], old.blobs[i], old.git_blob(i)
+                vouch = recount or bool(old.vouched[i])
             else:
-                key, kind, blob, git_blob = (
-                    statcache.NO_KEY,
-                    "",
-                    statcache.NO_BLOB,
-                    statcache.NO_GIT_BLOB,
-                )
+                key, kind = statcache.NO_KEY, ""
+                blob, git_blob = statcache.NO_BLOB, statcache.NO_GIT_BLOB
                 vouch = False
-            keys.append(key)
-            new.kinds.append(kind)
-            new.blobs.append(blob)
-            git_blobs.append(git_blob)
             if vouch and recount:
                 vouch = self.listing.vouches(path, kind, git_blob, key)
+            keys.append(key)
+            kinds.append(kind)
+            blobs.append(blob)
+            git_blobs.append(git_blob)
             vouched.append(vouch)
             if kind == "symlink":
-                new.targets[path] = old.targets[path] if row is None else self.targets[path]
-        new.keys, new.vouched, new.git_blobs = keys, vouched, "".join(git_blobs)
-        return new
-
-
-def _type_name(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "directory"),
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-    ):
-        if test(mode):
-            return name
-    return "unknown type"
-
-
-def _oversize_error(oversize: list[tuple[str, int]], limit: int) -> FreezeError:
-    oversize = sorted(oversize)
-    if len(oversize) == 1:
-        path, size = oversize[0]
-        what = f"{path} is {_human(size)}, over the {_human(limit)} limit: exclude it"
-    else:
-        shown = ", ".join(f"{p} ({_human(s)})" for p, s in oversize)
-        what = f"{len(oversize)} files are over the {_human(limit)} limit: {shown}: exclude them"
-    return FreezeError(f"{what} in {LAUNCHIGNORE} or raise --max-file-size", oversize[0][0])
-
-
-def _unreadable_error(unreadable: list[tuple[str, str]]) -> FreezeError:
-    unreadable = sorted(unreadable)
-    shown = ", ".join(f"{p} ({why})" for p, why in unreadable)
-    return FreezeError(
-        f"cannot read {shown}: fix the permissions or exclude "
-        f"{'it' if len(unreadable) == 1 else 'them'} in {LAUNCHIGNORE}",
-        unreadable[0][0],
-    )
-
-
-def _human(size: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            value = size / scale
-            exact = value >= 100 or size % scale == 0
-            return f"{value:.0f} {unit}" if exact else f"{value:.1f} {unit}"
-    return f"{size} B"
+                targets[path] = old.targets[path] if row is None else self.targets[path]
+        paths = self.listing.candidates
+        return statcache.Table(
+            paths, keys, kinds, blobs, "".join(git_blobs), targets, [int(v) for v in vouched]
+        )
 
 
 # ------------------------------------------------------------------------------- read

@@ -444,6 +444,7 @@ async def rerun(ref: str, nodes: list[Node] | None, name: str = "") -> Any:
         login=bool(status.get("login", True)),
         manifest=manifest,
         reason="rerun",
+        env_from=record.id,
     )
     return await submit(opts)
 

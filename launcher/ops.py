@@ -93,6 +93,10 @@ class SubmitOptions:
     # A rerun ships exactly this manifest instead of freezing `directory`.
     manifest: Manifest | None = None
     reason: str = "submit"
+    env_from: str = ""  # rerun: secret values come from this job, on each node
+    data: list[str] = field(default_factory=list)  # inputs to fingerprint on each node
+    data_hash: bool = False
+    init_from: dict[str, Any] = field(default_factory=dict)  # the parent artifact
 
 
 @dataclass
@@ -227,6 +231,10 @@ async def _run_on(
             "source": source.to_wire(),
             "reason": opts.reason,
             "login": opts.login,
+            "env_from": opts.env_from,
+            "data": [str(p) for p in opts.data],
+            "data_hash": opts.data_hash,
+            "init_from": opts.init_from,
             "gpus": opts.gpus_per_node,
         }
         try:

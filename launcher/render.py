@@ -262,3 +262,43 @@ def metrics_table(result: dict[str, Any]) -> None:
             *(f"{p['values'][k]:.6g}" if k in p["values"] else "" for k in keys),
         )
     out.print(table)
+
+
+def _chain_lines(chain: list[dict[str, Any]], indent: str = "  ") -> list[str]:
+    lines = []
+    for r in chain:
+        step = "" if r["step"] is None else f" at step {r['step']}"
+        paths = f": {', '.join(r['paths'])}" if r["paths"] else ""
+        lines.append(
+            f"{indent}r{r['revision']} {r['reason']} by {r['author']}, "
+            f"{r['at'][:19].replace('T', ' ')}{step}{paths}"
+        )
+    return lines
+
+
+def provenance_text(p: dict[str, Any]) -> None:
+    step = "" if p["step"] is None else f" at step {p['step']}"
+    print(f"{p['path']} (sha256 {p['sha256'][:12]}, {human_bytes(p['size'])})")
+    print(f"written by {p['job']} on {p['node']} (rank {p['rank']}){step}, under r{p['revision']}")
+    print("code history:")
+    print("\n".join(_chain_lines(p["chain"])))
+    for parent in p["lineage"]:
+        print(
+            f"initialised from {parent['job']}:{parent['path']} "
+            f"(sha256 {str(parent['sha256'])[:12]}, r{parent['revision']})"
+        )
+        print("\n".join(_chain_lines(parent.get("chain", []), "    ")))
+
+
+def lineage_text(node: dict[str, Any], depth: int = 0) -> None:
+    pad = "  " * depth
+    print(f"{pad}{node['job']} {node.get('name') or ''} {' '.join(node.get('argv', []))}".rstrip())
+    for parent in node["parents"]:
+        print(
+            f"{pad}  <- {parent['path']} (sha256 {str(parent['sha256'])[:12]}, "
+            f"r{parent['revision']}) of"
+        )
+        if "parent" in parent:
+            lineage_text(parent["parent"], depth + 2)
+        else:
+            print(f"{pad}    {parent['job']} ({parent.get('error', 'unknown')})")

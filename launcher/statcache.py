@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ NO_BLOB = "0" * 64
 NO_GIT_BLOB = "0" * 40
 _KIND_CODES = {"file": "f", "exec": "x", "symlink": "l", "": "-"}
 _KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+_VOUCHED = bytes.maketrans(b"01", b"\0\1")
 
 Key = tuple[int, int, int, int, int]  # mode, size, mtime_ns, ino, ctime_ns
 NO_KEY: Key = (0, 0, 0, 0, 0)  # the key of a path left out: mode 0 matches nothing on disk
@@ -54,18 +56,38 @@ def stat_key(st: os.stat_result) -> Key:
 
 @dataclass
 class Table:
-    """Rows in path order, as parallel lists. `kinds[i]` is "" for a path left out (its key
-    is NO_KEY). Git blob ids stay one string until asked for: a warm freeze rarely needs
-    them. `vouched[i]`: git vouched for the row's bytes last time."""
+    """Rows in path order, as parallel sequences. `kinds[i]` is "" for a path left out (its
+    key is NO_KEY). `vouched[i]` is true if git vouched for the row's bytes last time.
 
-    paths: list[str] = field(default_factory=list)
-    keys: Sequence[Key] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)
-    blobs: list[str] = field(default_factory=list)
+    A loaded table keeps the stats flat and the git blob ids as one string, and makes keys
+    only when asked (`key(i)`, `keys`): a warm freeze of a git tree needs only the sizes."""
+
+    paths: Sequence[str] = field(default_factory=list)
+    _keys: Sequence[Key] | None = field(default_factory=list)
+    kinds: Sequence[str] = field(default_factory=list)
+    blobs: Sequence[str] = field(default_factory=list)
     git_blobs: str = ""
     targets: dict[str, str] = field(default_factory=dict)
-    vouched: Sequence[bool] = field(default_factory=list)
+    vouched: Sequence[int] = field(default_factory=list)
+    _stats: Sequence[int] = ()  # size, mtime_ns... flat, when loaded
+    _racy_after: int = 0  # mtimes at or after this are racy (see the module's docstring)
     _position: dict[str, int] | None = None
+
+    def key(self, i: int) -> Key:
+        if self._keys is not None:
+            return self._keys[i]
+        mode, size, mtime, ino, ctime = self._stats[5 * i : 5 * i + 5]
+        return (mode, size, mtime if mtime < self._racy_after else -1, ino, ctime)
+
+    @property
+    def keys(self) -> Sequence[Key]:
+        if self._keys is None:
+            self._keys = [self.key(i) for i in range(len(self.paths))]
+        return self._keys
+
+    @property
+    def sizes(self) -> Sequence[int]:
+        return self._stats[1::5] if self._keys is None else [k[1] for k in self._keys]
 
     def git_blob(self, i: int) -> str:
         return self.git_blobs[40 * i : 40 * i + 40]
@@ -114,26 +136,22 @@ def _decode(data: bytes, root: str) -> StatCache | None:
     targets, vouched, extra = raw[9:]
     if fmt != CACHE_FORMAT or cached_root != root or not isinstance(written_ns, int):
         return None
-    names = paths.split("\0") if paths else []
-    n = len(names)
-    if not (len(stats) == 5 * n == 5 * len(kinds) == 5 * len(vouched)):
+    n = len(paths)
+    if not (len(stats) == 5 * n == 5 * len(kinds) == 5 * len(vouched) == 5 * len(blobs)):
         return None
-    if len(blobs) != 64 * n or len(git_blobs) != 40 * n or len(targets) != kinds.count("l"):
+    if len(git_blobs) != 40 * n or len(targets) != kinds.count("l"):
         return None
-    racy_after = written_ns - RACY_NS
-    keys = [
-        key if key[2] < racy_after else (key[0], key[1], -1, key[3], key[4])
-        for key in zip(*[iter(stats)] * 5, strict=True)
-    ]
-    links = [name for name, code in zip(names, kinds, strict=True) if code == "l"]
+    links = [name for name, code in zip(paths, kinds, strict=True) if code == "l"]
     table = Table(
-        names,
-        keys,
-        [_KINDS[code] for code in kinds],
-        [blobs[i : i + 64] for i in range(0, len(blobs), 64)],
+        list(paths),
+        None,
+        list(map(_KINDS.__getitem__, kinds)),
+        blobs,
         git_blobs,
         dict(zip(links, targets, strict=True)),
-        [flag == "1" for flag in vouched],
+        vouched.translate(_VOUCHED),
+        stats,
+        written_ns - RACY_NS,
     )
     return StatCache(root, table, written_ns, bundle_id, extra)
 
@@ -152,18 +170,18 @@ def save(path: Path, root: str, table: Table, bundle_id: str | None, extra: Any 
         root,
         time.time_ns(),
         bundle_id,
-        "\0".join(table.paths),
+        list(table.paths),  # arrays of strings: msgpack makes them in C, fast
         stats,
         kinds,
-        "".join(table.blobs),
+        list(table.blobs),
         table.git_blobs,
         [table.targets[p] for p in links],
-        "".join("1" if flag else "0" for flag in table.vouched),
+        bytes(49 if flag else 48 for flag in table.vouched),  # b"1" or b"0" each
         extra,
     ]
     data = msgpack.packb(body, use_bin_type=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # one per writer
     try:
         temp.write_bytes(data)
         os.replace(temp, path)

@@ -30,8 +30,9 @@ class AgentProc:
     """One agent process. `start()` returns once it said READY=1; `kill9()`, `stop()`."""
 
     def __init__(self, state: Path, sock: Path, *, user_mode: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.state = state
+        self.extra_args = list(args or [])  # more `serve` options, e.g. ["--gpus", "4"]
         self.sock = sock
         self.user_mode = user_mode
         self.env = env or {}
@@ -53,6 +54,7 @@ class AgentProc:
                 "--state", str(self.state)]
         if self.user_mode:
             args.append("--user")
+        args.extend(self.extra_args)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **self.env}
         self.stderr_path = self.state.parent / f"{self.state.name}.agent.log"
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,9 +58,7 @@ def age(root: Path) -> None:
 
 
 def git(root: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", *args], cwd=root, capture_output=True, text=True, check=True
-    )
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
     return done.stdout
 
 
@@ -141,7 +139,12 @@ def test_exec_bit_is_the_users_x_bit(tmp_path: Path, store: Store) -> None:
     write(root, {"group-only.sh": "y\n"}, mode=0o654)
     write(root, {"plain.txt": "z\n"}, mode=0o644)
     kinds = {e.path: e.kind for e in freeze(root, store).manifest.entries}
-    assert kinds == {"run.sh": "exec", "own.sh": "exec", "group-only.sh": "file", "plain.txt": "file"}
+    assert kinds == {
+        "run.sh": "exec",
+        "own.sh": "exec",
+        "group-only.sh": "file",
+        "plain.txt": "file",
+    }
 
 
 def test_a_mode_change_alone_changes_the_bundle(tmp_path: Path, store: Store) -> None:
@@ -203,8 +206,8 @@ def test_git_view_is_what_git_lists_minus_deleted_and_launchignored(
     (root / "gone.py").unlink()
     frozen = freeze(root, store)
 
-    listed = set(git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0"))
-    listed.discard("")
+    listing = git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    listed = set(listing.split("\0")) - {""}
     expected = {".gitignore", ".launchignore", "train.py", "pkg/model.py", "new.py"}
     assert paths(frozen) == expected
     assert paths(frozen) == listed - {"gone.py"} - {"data/big.bin", "notes/todo.md"}
@@ -353,7 +356,7 @@ def test_names_a_bundle_cannot_hold_are_refused(tmp_path: Path, store: Store) ->
 def test_case_clash_is_refused_with_what_to_do(tmp_path: Path, store: Store) -> None:
     root = tmp_path / "t"
     write(root, {"README": "a", "readme": "b"})
-    with pytest.raises(InvalidManifest, match="differ only in case.*exclude it in .launchignore"):
+    with pytest.raises(InvalidManifest, match=r"differ only in case.*exclude it in \.launchignore"):
         freeze(root, store)
 
 
@@ -384,7 +387,9 @@ def test_warm_refreeze_reads_nothing(tree: Path, tmp_path: Path, store: Store) -
     assert warm.source == cold.source and warm.excluded == cold.excluded
 
 
-def test_a_changed_file_is_the_only_one_read_again(tree: Path, tmp_path: Path, store: Store) -> None:
+def test_a_changed_file_is_the_only_one_read_again(
+    tree: Path, tmp_path: Path, store: Store
+) -> None:
     cache = tmp_path / "stat"
     first = freeze(tree, store, cache_path=cache)
     write(tree, {"pkg/m7.py": "# changed\n"})
@@ -399,7 +404,9 @@ def test_a_changed_file_is_the_only_one_read_again(tree: Path, tmp_path: Path, s
     assert third.bundle_id == second.bundle_id
 
 
-def test_added_and_removed_files_with_a_warm_cache(tree: Path, tmp_path: Path, store: Store) -> None:
+def test_added_and_removed_files_with_a_warm_cache(
+    tree: Path, tmp_path: Path, store: Store
+) -> None:
     cache = tmp_path / "stat"
     freeze(tree, store, cache_path=cache)
     write(tree, {"extra/new.py": "new\n"})

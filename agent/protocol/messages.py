@@ -76,6 +76,11 @@ class Prepare:
     login: bool = True
     reason: str = "submit"  # or "rerun": the same code, command and environment as another job
     gpus: int = -1  # GPUs to reserve on this node; -1: all of them (Busy if any is held)
+    env_from: str = ""  # a rerun: take secret env values from this job (same owner, this node)
+    data: list[str] = field(default_factory=list)  # input directories to fingerprint
+    data_hash: bool = False  # ... with the SHA-256 of every file
+    # The artifact this job starts from: {job, path, sha256, revision, node}.
+    init_from: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,25 @@ class Reserve:
     gpus: int = -1
 
 
+@dataclass(frozen=True)
+class FindArtifacts:
+    """The caller's artifacts with this SHA-256 (or, with job and path, that file's records).
+    Result: {artifacts: [{job, node, rank, path, size, sha256, step, revision, since,
+    closed_ns}]}."""
+
+    sha256: str = ""
+    job: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What was recorded about a job besides its revisions: environment at each start, data
+    fingerprints, the artifact it was initialised from. Result: {facts: [{kind, at_ns, data}]}."""
+
+    job: str
+
+
 METHODS: dict[str, type] = {
     "hello": Hello,
     "node_info": NodeInfo,
@@ -221,6 +245,8 @@ METHODS: dict[str, type] = {
     "get_blobs": GetBlobs,
     "metrics": Metrics,
     "reserve": Reserve,
+    "find_artifacts": FindArtifacts,
+    "facts": Facts,
 }
 NOTIFICATIONS = ("log",)
 

@@ -1,0 +1,56 @@
+"""The work the agent does on its own, off the request path: drift checks of code
+directories, metrics ingestion, artifact records, and the environment and data records made
+when a job starts. The watcher (agent/watcher.py) debounces and runs it; this module says what
+each kind of key means."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent import metrics, patches, provenance
+from agent.jobs import JobManager
+from agent.revlog import RevLog
+from agent.store import Store
+from agent.watcher import ARTIFACT, ENVIRONMENT, METRICS, DriftWatcher
+
+
+def start_watching(jobs: JobManager, store: Store, revlog: RevLog) -> DriftWatcher:
+    """A watcher wired to the job manager's lifecycle; the caller runs `watcher.run()`."""
+
+    async def on_key(key: str) -> None:
+        if key.startswith(METRICS):
+            job_id = key.removeprefix(METRICS)
+            metrics.ingest(revlog, jobs.paths(job_id), job_id)
+        elif key.startswith(ARTIFACT):
+            job_id, _, rel = key.removeprefix(ARTIFACT).partition(":")
+            await asyncio.to_thread(provenance.record_artifact, jobs, revlog, job_id, rel)
+        elif key.startswith(ENVIRONMENT):
+            await _on_start(key.removeprefix(ENVIRONMENT))
+        else:
+            await patches.check_drift(jobs, store, revlog, key)
+
+    async def _on_start(job_id: str) -> None:
+        await asyncio.to_thread(provenance.record_environment, jobs, revlog, job_id)
+        requests = revlog.facts(job_id, "data_request")
+        if requests and not revlog.facts(job_id, "data"):  # inputs: once, at the first start
+            req = requests[-1]["data"]
+            await asyncio.to_thread(
+                provenance.fingerprint_data,
+                jobs,
+                revlog,
+                job_id,
+                list(req["dirs"]),
+                bool(req["hash"]),
+            )
+
+    def on_ended(job_id: str) -> None:
+        watcher.unwatch(job_id)
+        metrics.ingest(revlog, jobs.paths(job_id), job_id)
+
+    watcher = DriftWatcher(on_key)
+    jobs.on_running = lambda job_id, paths: watcher.watch(
+        job_id, paths.code, paths.metrics_dir, paths.outputs
+    )
+    jobs.on_started = lambda job_id: watcher.poke(ENVIRONMENT + job_id)
+    jobs.on_ended = on_ended
+    return watcher
