@@ -110,8 +110,8 @@ async def put_blobs(agent: Agent, caller: Caller, p: m.PutBlobs, notify: Notify)
 
 
 async def put_manifest(agent: Agent, caller: Caller, p: m.PutManifest, notify: Notify) -> Any:
-    manifest = Manifest.decode(p.manifest)
-    bundle = agent.store.put_manifest(manifest)
+    manifest = Manifest.decode(p.manifest)  # validates: no need to decode again to store it
+    bundle = agent.store.put_manifest(manifest, encoded=p.manifest)
     return {"bundle": bundle, "missing": agent.store.missing(manifest.blobs())}
 
 

@@ -101,7 +101,7 @@ class JobManager:
         self.on_started: Callable[[str], None] = lambda job_id: None
 
     def lock(self, job_id: str) -> asyncio.Lock:
-        """Held while a job's code directory changes (patch commit, drift check)."""
+        """Held while a job's code directory changes (patch prepare and commit, drift check)."""
         return self._locks.setdefault(job_id, asyncio.Lock())
 
     # ----------------------------------------------------------------------- access
@@ -146,7 +146,11 @@ class JobManager:
         if p.job in self._preparing:
             raise JobStateError(f"job {p.job} is being prepared by another call", p.job)
         self._preparing.add(p.job)
-        gpus = self.gpus.reserve(p.job, p.gpus)  # Busy, before anything is built
+        try:
+            gpus = self.gpus.reserve(p.job, p.gpus)  # Busy, before anything is built
+        except BaseException:
+            self._preparing.discard(p.job)  # else a retried prepare of this job is refused
+            raise
         try:
             paths = self.paths(p.job)
             await asyncio.to_thread(self._build_code_dir, paths, manifest)
@@ -357,7 +361,10 @@ class JobManager:
         # runtime helper (launch_runtime) is importable, before the submitter's own path.
         pythonpath = ":".join(p for p in (str(self.state.runtime), job.env.get("PYTHONPATH")) if p)
         env = {**job.env, **secrets.load(paths.secrets)}  # the recorded env has them redacted
-        return {"PYTHONUNBUFFERED": "1", **env, "PYTHONPATH": pythonpath, **ours}
+        # No bytecode caches: a job running as root could write __pycache__/ into its code
+        # directory on import, and the drift watcher would rightly record that as a revision.
+        defaults = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        return {**defaults, **env, "PYTHONPATH": pythonpath, **ours}
 
     # ------------------------------------------------------------------- ending
 

@@ -39,31 +39,34 @@ async def prepare(
     if p.reason not in REASONS or p.reason in ("submit", "rerun"):
         raise InvalidParams(f"patch_prepare: reason {p.reason!r} is not patch, resume or drift")
     paths = jobs.paths(job.id)
-    head = revlog.head(job.id)
-    staged = codedir.read_staged(paths)
-    if staged is not None:
-        if staged.base == p.base and staged.bundle == p.bundle:
-            return {"revision": staged.number, "paths": staged.paths}  # a retried prepare
-        raise StaleRevision(p.base, staged.number)  # another patch holds the next number
-    if p.base != head.number:
-        raise StaleRevision(p.base, head.number)
-    new = store.get_manifest(p.bundle)
-    missing = store.missing(new.blobs())
-    if missing:
-        raise ObjectMissing(missing)
-    changes = diff(store.get_manifest(head.bundle), new)
-    staged = Staged(
-        number=head.number + 1,
-        base=head.number,
-        bundle=p.bundle,
-        puts=[c.path for c in changes if c.new is not None],
-        deletes=[c.path for c in changes if c.new is None],
-        author=p.author or author,
-        message=p.message,
-        staged_ns=time.time_ns(),
-        options={"reason": p.reason},
-    )
-    await asyncio.to_thread(codedir.stage, store, paths, staged, new)
+    # Check and stage under the job's lock: two prepares racing through the awaited stage
+    # would both pass the check, then overwrite each other's staged files and record.
+    async with jobs.lock(job.id):
+        head = revlog.head(job.id)
+        staged = codedir.read_staged(paths)
+        if staged is not None:
+            if staged.base == p.base and staged.bundle == p.bundle:
+                return {"revision": staged.number, "paths": staged.paths}  # a retried prepare
+            raise StaleRevision(p.base, staged.number)  # another patch holds the next number
+        if p.base != head.number:
+            raise StaleRevision(p.base, head.number)
+        new = store.get_manifest(p.bundle)
+        missing = store.missing(new.blobs())
+        if missing:
+            raise ObjectMissing(missing)
+        changes = diff(store.get_manifest(head.bundle), new)
+        staged = Staged(
+            number=head.number + 1,
+            base=head.number,
+            bundle=p.bundle,
+            puts=[c.path for c in changes if c.new is not None],
+            deletes=[c.path for c in changes if c.new is None],
+            author=p.author or author,
+            message=p.message,
+            staged_ns=time.time_ns(),
+            options={"reason": p.reason},
+        )
+        await asyncio.to_thread(codedir.stage, store, paths, staged, new)
     return {"revision": staged.number, "paths": staged.paths}
 
 

@@ -22,11 +22,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 from agent import secrets
 from agent.jobs import JobManager, Owner
 from agent.patches import last_step
 from agent.paths import JobPaths
-from agent.revlog import RevLog
+from agent.revlog import Job, RevLog
 from agent.store import DIR_FLAGS, open_dir, safe_component
 
 SIDECAR = ".launch.json"
@@ -68,6 +70,8 @@ def record_artifact(jobs: JobManager, revlog: RevLog, job_id: str, rel: str) -> 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return False
+        if _being_written(job, st):
+            return False  # a writer still has it open: its close records it
         digest = hashlib.sha256()
         while chunk := os.read(fd, HASH_CHUNK):
             digest.update(chunk)
@@ -102,6 +106,37 @@ def record_artifact(jobs: JobManager, revlog: RevLog, job_id: str, rel: str) -> 
     finally:
         os.close(fd)
         os.close(parent)
+
+
+def _being_written(job: Job, st: os.stat_result) -> bool:
+    """Whether a process of the job has this very file (device, inode) open for writing.
+    Hashing it now would record a partial file and compete with the writer."""
+    if job.shim_pid is None:
+        return False
+    try:
+        shim = psutil.Process(job.shim_pid)
+        if job.shim_start is not None and abs(shim.create_time() - job.shim_start) > 0.01:
+            return False  # that pid is another process now: the job has ended
+        procs = [shim, *shim.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        try:
+            fds = os.listdir(f"/proc/{proc.pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.stat(f"/proc/{proc.pid}/fd/{fd}")
+                if (target.st_dev, target.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                with open(f"/proc/{proc.pid}/fdinfo/{fd}") as f:
+                    flags = next(line for line in f if line.startswith("flags:")).split()[1]
+            except (OSError, StopIteration, IndexError):
+                continue
+            if int(flags, 8) & (os.O_WRONLY | os.O_RDWR):
+                return True
+    return False
 
 
 def _write_sidecar(dir_fd: int, name: str, record: dict[str, Any], owner: int | None) -> None:

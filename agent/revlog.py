@@ -12,6 +12,7 @@ event loop, which keeps the ordering of writes obvious.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,10 @@ class RevLog:
         # isolation_level=None: we open transactions ourselves with BEGIN IMMEDIATE, so a
         # compare-and-swap reads and writes under one write lock.
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Provenance records are written from worker threads (asyncio.to_thread) on this same
+        # connection: transactions take turns, else one thread's BEGIN lands inside another's
+        # transaction ("cannot start a transaction within a transaction") and their writes mix.
+        self._tx_lock = threading.RLock()
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -417,20 +422,29 @@ class RevLog:
         )
 
     def _transaction(self) -> _Tx:
-        return _Tx(self.db)
+        return _Tx(self.db, self._tx_lock)
 
 
 class _Tx:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
         self.db = db
+        self.lock = lock
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.lock.release()
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -13,6 +13,7 @@ symlink while it runs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -23,7 +24,7 @@ import secrets
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,19 @@ from agent.protocol.errors import (
     JobStateError,
     ObjectMissing,
 )
-from agent.protocol.objects import Entry, Manifest, blob_id, check_object_id, short
+from agent.protocol.objects import (
+    ID_HEX_LEN,
+    Entry,
+    Manifest,
+    blob_id,
+    check_object_id,
+    short,
+)
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 COPY_THREADS = 4
+MANIFEST_MEMO = 8  # decoded manifests kept in memory, most recent last
+FILL_AHEAD = 64  # directories handed to the copy threads ahead of them (one descriptor each)
 MIN_PREFIX = 4
 _HEX = frozenset("0123456789abcdef")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -70,6 +80,8 @@ class Store:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self._objects = str(self.objects)  # for string paths on hot loops (no pathlib)
+        self._manifests: dict[str, Manifest] = {}  # recently stored or read, by bundle id
         self.root.mkdir(parents=True, exist_ok=True)
         for directory, mode in ((self.objects, 0o755), (self.tmp, 0o700)):
             if not directory.is_dir():
@@ -82,7 +94,12 @@ class Store:
         return self.objects / object_id[:2] / object_id[2:]
 
     def has(self, object_id: str) -> bool:
-        return self.path(object_id).is_file()
+        return os.path.isfile(self._file(object_id))
+
+    def _file(self, object_id: str) -> str:
+        """path() as a string, without pathlib's cost (thousands of calls per manifest)."""
+        check_object_id(object_id)
+        return f"{self._objects}/{object_id[:2]}/{object_id[2:]}"
 
     def missing(self, ids: Iterable[str]) -> list[str]:
         """The ids not in the store, sorted and de-duplicated; an invalid id is InvalidManifest."""
@@ -121,26 +138,30 @@ class Store:
                 temps.append((object_id, self._write_temp(object_id, data, not batch_sync)))
             if batch_sync and temps:
                 _syncfs(str(self.tmp))
-            touched: set[Path] = set()
-            for object_id, temp in temps:
-                final = self.path(object_id)
-                if not final.parent.is_dir():
+            # String paths, and each shard looked at once per batch: thousands of objects.
+            touched: set[str] = set()
+            for n, (object_id, temp) in enumerate(temps):
+                final = self._file(object_id)
+                shard = final[: -(ID_HEX_LEN - 1)]
+                if shard not in touched and not os.path.isdir(shard):
                     with contextlib.suppress(FileExistsError):
-                        final.parent.mkdir(mode=0o755)
-                    touched.add(self.objects)  # the new shard's own name must be durable too
+                        os.mkdir(shard, 0o755)
+                    touched.add(self._objects)  # the new shard's own name must be durable too
                 os.rename(temp, final)
-                touched.add(final.parent)
+                temps[n] = (object_id, "")  # nothing left to clean up
+                touched.add(shard)
             for directory in sorted(touched, reverse=True):
                 _fsync_dir(directory)
         finally:
             for _, temp in temps:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
+                if temp:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp)
         return len(temps)
 
     def _write_temp(self, object_id: str, data: bytes, fsync: bool) -> str:
         # Read-only from creation: the object is never visible with a writable mode.
-        temp = str(self.tmp / f"{object_id[:16]}.{os.getpid()}.{secrets.token_hex(8)}")
+        temp = f"{self.tmp}/{object_id[:16]}.{os.getpid()}.{secrets.token_hex(8)}"
         fd = os.open(temp, _NEW_FILE, 0o444)
         try:
             _write_all(fd, data)
@@ -163,20 +184,36 @@ class Store:
         _verify(object_id, data)
         return data
 
-    def put_manifest(self, manifest: Manifest) -> str:
+    def put_manifest(self, manifest: Manifest, encoded: bytes | None = None) -> str:
         """Store a manifest as an object; returns its bundle id.
 
         The encoding is decoded again first, so a manifest built without validation (or not in
-        canonical form) is refused with InvalidManifest rather than stored.
+        canonical form) is refused with InvalidManifest rather than stored. `encoded`: the
+        bytes `manifest` was just decoded from (so already validated and canonical).
         """
-        data = manifest.encode()
-        Manifest.decode(data)
-        bundle = blob_id(data)
-        self.put(bundle, data)
+        if encoded is None:
+            encoded = manifest.encode()
+            manifest = Manifest.decode(encoded)
+        bundle = blob_id(encoded)
+        self.put(bundle, encoded)
+        self._remember(bundle, manifest)
         return bundle
 
     def get_manifest(self, bundle_id: str) -> Manifest:
-        return Manifest.decode(self.get(bundle_id))
+        # Objects never change, so a manifest decoded (validated) once stays valid: a submit
+        # stores it (put_manifest) and prepares from it right after, on every node.
+        known = self._manifests.get(bundle_id)
+        if known is not None and self.has(bundle_id):
+            return known
+        manifest = Manifest.decode(self.get(bundle_id))
+        self._remember(bundle_id, manifest)
+        return manifest
+
+    def _remember(self, bundle_id: str, manifest: Manifest) -> None:
+        self._manifests.pop(bundle_id, None)
+        self._manifests[bundle_id] = manifest
+        while len(self._manifests) > MANIFEST_MEMO:
+            self._manifests.pop(next(iter(self._manifests)))
 
     def resolve(self, prefix: str) -> str:
         """The one object id starting with `prefix` (at least 4 hex digits).
@@ -254,36 +291,56 @@ class Store:
         groups: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
         for entry in manifest.entries:
             groups[tuple(entry.path.split("/")[:-1])].append(entry)
+        dirs = sorted({p[:n] for p in groups for n in range(1, len(p) + 1)})
         root_fd = _open_dest(Path(dest))
+        clone = _Cloner()
         try:
-            for parts in sorted({p[:n] for p in groups for n in range(1, len(p) + 1)}):
-                make_dir(root_fd, parts)
             with ThreadPoolExecutor(COPY_THREADS) as pool:
-                futures = [
-                    pool.submit(self._fill_dir, root_fd, parts, entries)
-                    for parts, entries in groups.items()
-                ]
-                for future in futures:
-                    future.result()
+                pending: collections.deque[Future[None]] = collections.deque()
+
+                def fill(parts: tuple[str, ...], dir_fd: int) -> None:
+                    # Each group gets its own descriptor of its directory (closed by the
+                    # worker); at most FILL_AHEAD are open at once.
+                    if parts in groups:
+                        fd = os.dup(dir_fd)
+                        pending.append(pool.submit(self._fill_dir, fd, parts, groups[parts], clone))
+                        while len(pending) > FILL_AHEAD:
+                            pending.popleft().result()
+
+                fill((), root_fd)
+                # Sorted tuples are a depth-first pre-order: each directory is made through a
+                # descriptor of its parent, opened once (no walk from the root per directory).
+                stack: list[tuple[tuple[str, ...], int]] = []
+                try:
+                    for parts in dirs:
+                        while stack and stack[-1][0] != parts[:-1]:
+                            os.close(stack.pop()[1])
+                        fd = _make_child(stack[-1][1] if stack else root_fd, parts)
+                        stack.append((parts, fd))
+                        fill(parts, fd)
+                finally:
+                    for _, fd in stack:
+                        os.close(fd)
+                while pending:
+                    pending.popleft().result()
         finally:
             os.close(root_fd)
 
-    def _fill_dir(self, root_fd: int, parts: Sequence[str], entries: list[Entry]) -> None:
-        """Create the files and symlinks of one directory, through a descriptor to it."""
-        try:
-            dir_fd = open_dir(root_fd, parts)
-        except OSError as exc:
-            raise _tree_error(exc, "/".join(parts)) from None
+    def _fill_dir(
+        self, dir_fd: int, parts: Sequence[str], entries: list[Entry], clone: _Cloner
+    ) -> None:
+        """Create the files and symlinks of one directory, through (and then closing) a
+        descriptor of it."""
         try:
             for entry in entries:
                 try:
-                    self._create(dir_fd, entry)
+                    self._create(dir_fd, entry, clone)
                 except OSError as exc:
                     raise _tree_error(exc, entry.path) from None
         finally:
             os.close(dir_fd)
 
-    def _create(self, dir_fd: int, entry: Entry) -> None:
+    def _create(self, dir_fd: int, entry: Entry, clone: _Cloner) -> None:
         name = safe_component(entry.path.rsplit("/", 1)[-1])
         if entry.kind == "symlink":
             assert entry.target is not None  # entry.check() guarantees it
@@ -291,18 +348,54 @@ class Store:
             return
         mode = 0o555 if entry.kind == "exec" else 0o444
         try:
-            src = os.open(self.path(entry.blob), os.O_RDONLY | os.O_CLOEXEC)
+            src = os.open(self._file(entry.blob), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectMissing(entry.blob) from None  # removed since the presence check
         try:
             dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
             try:
-                _clone(src, dst)
+                clone(src, dst)
                 os.fchmod(dst, mode)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
+
+
+def _make_child(parent_fd: int, parts: Sequence[str]) -> int:
+    """Create directory parts[-1] in parent_fd and return a descriptor of it, opened without
+    following symlinks (a swap in between fails rather than escapes)."""
+    name = safe_component(parts[-1])
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise _tree_error(exc, "/".join(parts)) from None
+    try:
+        os.fchmod(fd, 0o755)
+    except OSError as exc:
+        os.close(fd)
+        raise _tree_error(exc, "/".join(parts)) from None
+    return fd
+
+
+class _Cloner:
+    """_clone for one materialisation: once a clone (FICLONE) is refused as unsupported,
+    the rest of the tree, on the same file systems, goes straight to the in-kernel copy."""
+
+    def __init__(self) -> None:
+        self.reflink = True
+
+    def __call__(self, src: int, dst: int) -> None:
+        if self.reflink:
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+                return
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self.reflink = False
+        _copy(src, dst)
 
 
 def _verify(object_id: str, data: bytes) -> None:
@@ -326,7 +419,7 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, DIR_FLAGS)
     try:
         os.fsync(fd)
@@ -406,6 +499,12 @@ def _clone(src: int, dst: int) -> None:
     except OSError as exc:
         if exc.errno not in _UNSUPPORTED:
             raise
+    _copy(src, dst)
+
+
+def _copy(src: int, dst: int) -> None:
+    """Copy src (at offset 0) into the empty dst without a clone: copy_file_range, else
+    sendfile, else read and write."""
     size = max(os.fstat(src).st_size, 1)
     steps: list[Callable[[], int]] = [
         lambda: os.copy_file_range(src, dst, size),
@@ -413,9 +512,10 @@ def _clone(src: int, dst: int) -> None:
         lambda: _write_all(dst, os.read(src, 1 << 20)),
     ]
     for n, step in enumerate(steps):
-        for fd in (src, dst):
-            os.lseek(fd, 0, os.SEEK_SET)
-        os.ftruncate(dst, 0)
+        if n:  # start again from nothing after a way that is not supported here
+            for fd in (src, dst):
+                os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(dst, 0)
         try:
             while step():
                 pass

@@ -67,8 +67,12 @@ class _Handler(FileSystemEventHandler):
         if self.root is None:
             self.watcher.poke(self.key)
             return
-        if event.is_directory or event.event_type not in ("closed", "moved"):
+        if event.is_directory or event.event_type not in ("closed", "moved", "created"):
             return  # an artifact is recorded when it is closed after writing, or moved in
+        # "created" too: a file moved in from outside the outputs, or one already written in a
+        # directory that appeared before its watch did, is reported by watchdog only as
+        # created. A file created by a writer still at work is skipped (record_artifact
+        # checks); its close records it.
         path = os.fsdecode(event.dest_path if event.event_type == "moved" else event.src_path)
         rel = os.path.relpath(path, self.root)
         if not rel.startswith(".."):
@@ -127,7 +131,14 @@ class DriftWatcher:
                     timeout = max(0.0, min(due.values()) - time.monotonic()) if due else None
                     try:
                         key = await asyncio.wait_for(self.queue.get(), timeout)
-                        due[key] = time.monotonic() + self.debounce_s
+                        if key.startswith(METRICS):
+                            # Read at most debounce_s after a write, however often the job
+                            # reports: were each write to postpone the read, a job reporting
+                            # faster than that would be read only once it stopped, every
+                            # point stamped with that moment.
+                            due.setdefault(key, time.monotonic() + self.debounce_s)
+                        else:
+                            due[key] = time.monotonic() + self.debounce_s
                         continue
                     except TimeoutError:
                         pass

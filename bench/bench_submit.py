@@ -311,7 +311,12 @@ class Bench:
                         return f"launch submit exited {proc.returncode}: {err.read().decode()}"
                 return None
 
-            seconds = wait_markers(marks, t0, failed)
+            try:
+                seconds = wait_markers(marks, t0, failed)
+            except BaseException:
+                proc.kill()  # ours, by its Popen: never left behind on a failure
+                proc.wait()
+                raise
             cpu = machine_cpu() - c0
             proc.wait(RUN_TIMEOUT_S)
             if exited is None:

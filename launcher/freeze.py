@@ -70,9 +70,10 @@ PARALLEL_MIN_BYTES = 8 * 2**20  # smaller jobs (in bytes and in files) are read 
 PARALLEL_MIN_FILES = 512  # calling thread: there, threads cost more than they save
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 _GIT_MODES = {"file": "100644", "exec": "100755", "symlink": "120000"}
-# Tracked files, each checked against the index (-m), tags (-v: lower case = assume-unchanged)
-# and index entries (-s). The settings make git compare raw bytes and check every stat field:
-# what it calls unmodified is then byte for byte the index blob.
+# Tracked files, each checked against the index (-m), with tags (-v: lower case for
+# assume-unchanged), index entries (-s) and the stat the index keeps (--debug). The settings
+# make git check every stat field and compare raw bytes (no autocrlf, no global or system
+# attributes; GIT_ATTR_NOSYSTEM is set too, and a repository's own are looked for apart).
 _LS_TRACKED = (
     *("-c", "core.fileMode=true", "-c", "core.autocrlf=false", "-c", "core.fsmonitor=false"),
     *("-c", "core.attributesFile=/dev/null", "-c", "core.checkStat=default"),
@@ -773,23 +774,30 @@ class _Scan:
         table = self.cache.table
         candidates = self.listing.candidates
         rows: Sequence[int]
-        vouched: Sequence[bool] | repeat[bool]
+        vouched: Sequence[int] | repeat[int]
         if candidates is table.paths:
-            rows, keys, kinds, blobs = range(len(candidates)), table.keys, table.kinds, table.blobs
-            vouched = table.vouched if self.vouch else repeat(False)
+            rows, sizes, kinds, blobs = (
+                range(len(candidates)),
+                table.sizes,
+                table.kinds,
+                table.blobs,
+            )
+            vouched = table.vouched if self.vouch else repeat(0)
         else:
             where = table.position()
             rows = [where.get(path, -1) for path in candidates]
-            keys = [table.keys[i] if i >= 0 else statcache.NO_KEY for i in rows]
+            every = table.sizes
+            sizes = [every[i] if i >= 0 else 0 for i in rows]
             kinds = [table.kinds[i] if i >= 0 else "" for i in rows]
             blobs = [table.blobs[i] if i >= 0 else "" for i in rows]
-            vouched = repeat(False)
+            vouched = repeat(0)
             if self.vouch:
                 vouches = self.listing.vouches
                 vouched = [
-                    i >= 0 and vouches(path, table.kinds[i], table.git_blob(i), table.keys[i])
+                    i >= 0 and vouches(path, table.kinds[i], table.git_blob(i), table.key(i))
                     for path, i in zip(candidates, rows, strict=True)
                 ]
+        key_of = table.key
         targets = table.targets
         lstat = os.lstat
         prefix = self.top + "/"
@@ -797,10 +805,10 @@ class _Scan:
         make = _make_entry
         self._rows = rows
         hits, rest, seen = self.hits, self.rest, self.seen
-        columns = zip(candidates, rows, keys, kinds, blobs, vouched, strict=False)  # repeat()
-        for path, row, key, kind, blob, sure in columns:
-            if sure and key[1] <= max_size:
-                hits.append(make(path, kind, key[1], blob, targets.get(path) if targets else None))
+        columns = zip(candidates, rows, sizes, kinds, blobs, vouched, strict=False)  # repeat()
+        for path, row, size, kind, blob, sure in columns:
+            if sure and size <= max_size:
+                hits.append(make(path, kind, size, blob, targets.get(path) if targets else None))
                 continue
             st = known.get(path) if known else None
             if st is None:
@@ -811,10 +819,12 @@ class _Scan:
                     continue
             seen[path] = st
             if (
-                key == (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-                and key[1] <= max_size
+                row >= 0
+                and size <= max_size
+                and key_of(row)
+                == (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
             ):
-                hits.append(make(path, kind, key[1], blob, targets.get(path) if targets else None))
+                hits.append(make(path, kind, size, blob, targets.get(path) if targets else None))
             else:
                 rest.append((path, row, st, None))
         self._sort_rest()
@@ -1018,6 +1028,49 @@ class _Scan:
         return statcache.Table(
             paths, keys, kinds, blobs, "".join(git_blobs), targets, [int(v) for v in vouched]
         )
+
+
+def _type_name(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "unknown type"
+
+
+def _oversize_error(oversize: list[tuple[str, int]], limit: int) -> FreezeError:
+    oversize = sorted(oversize)
+    if len(oversize) == 1:
+        path, size = oversize[0]
+        what = f"{path} is {_human(size)}, over the {_human(limit)} limit: exclude it"
+    else:
+        shown = ", ".join(f"{p} ({_human(s)})" for p, s in oversize)
+        what = f"{len(oversize)} files are over the {_human(limit)} limit: {shown}: exclude them"
+    return FreezeError(f"{what} in {LAUNCHIGNORE} or raise --max-file-size", oversize[0][0])
+
+
+def _unreadable_error(unreadable: list[tuple[str, str]]) -> FreezeError:
+    unreadable = sorted(unreadable)
+    shown = ", ".join(f"{p} ({why})" for p, why in unreadable)
+    return FreezeError(
+        f"cannot read {shown}: fix the permissions or exclude "
+        f"{'it' if len(unreadable) == 1 else 'them'} in {LAUNCHIGNORE}",
+        unreadable[0][0],
+    )
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            value = size / scale
+            exact = value >= 100 or size % scale == 0
+            return f"{value:.0f} {unit}" if exact else f"{value:.1f} {unit}"
+    return f"{size} B"
 
 
 # ------------------------------------------------------------------------------- read

@@ -245,6 +245,16 @@ async def repair(ref: str) -> dict[str, Any]:
             if s["revision"] == target or s.get("staged") == target
         )
         bundle = await _bundle_of(source, record.id, target, states[conns.index(source)])
+        # A node that committed the target holds its record: the nodes rolled forward get the
+        # same reason, author and message (a cut resume resumes them too), not a new patch.
+        committed = next(
+            (c for c, s in zip(conns, states, strict=True) if s["revision"] == target), None
+        )
+        origin = (
+            next(r for r in await revisions_on(committed, record.id) if r.number == target)
+            if committed is not None
+            else None
+        )
         for conn, st in zip(conns, states, strict=True):
             if st["revision"] == target:
                 continue
@@ -264,9 +274,9 @@ async def repair(ref: str) -> dict[str, Any]:
                         "job": record.id,
                         "base": target - 1,
                         "bundle": bundle,
-                        "author": author(),
-                        "message": "repair",
-                        "reason": "patch",
+                        "author": origin.author if origin else author(),
+                        "message": origin.message if origin else "repair",
+                        "reason": origin.reason if origin else "patch",
                     },
                 )
             await conn.client.call("patch_commit", {"job": record.id, "revision": target})

@@ -199,6 +199,8 @@ def ensure_local_agents(nodes: list[Node], timeout: float = 20.0) -> list[str]:
     for node in nodes:
         if node.kind != "local" or _answers(Path(node.socket)):
             continue
+        if not re.fullmatch(r"local\d+", node.name):
+            continue  # a `unix:` host of a cluster: not ours to start; open_node says why
         index = int(node.name.removeprefix("local"))
         _start_local_agent(index, timeout)
         started.append(node.name)

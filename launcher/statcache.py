@@ -62,7 +62,7 @@ class Table:
     A loaded table keeps the stats flat and the git blob ids as one string, and makes keys
     only when asked (`key(i)`, `keys`): a warm freeze of a git tree needs only the sizes."""
 
-    paths: Sequence[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     _keys: Sequence[Key] | None = field(default_factory=list)
     kinds: Sequence[str] = field(default_factory=list)
     blobs: Sequence[str] = field(default_factory=list)

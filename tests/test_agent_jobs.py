@@ -660,8 +660,15 @@ async def test_a_thousand_short_jobs_leak_nothing(agents):
     jobs = agent.call("jobs", {})["jobs"]
     assert len(jobs) == N_JOBS
     assert {j["state"] for j in jobs} == {"succeeded"}
-    zombies = [p for p in agent_proc.children() if p.status() == psutil.STATUS_ZOMBIE]
-    assert zombies == []
+
+    # Work the agent does in the background after a start (provenance records) may still be
+    # finishing: give it a moment to settle, then check. A leak does not go away.
+    def zombies() -> list[psutil.Process]:
+        return [p for p in agent_proc.children() if p.status() == psutil.STATUS_ZOMBIE]
+
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not zombies() and agent_proc.num_fds() <= fds_after_10 + 4, 30)
+    assert zombies() == []
     assert agent_proc.num_fds() <= fds_after_10 + 4
     state = StatePaths(agent.state)
     assert list((state.store / "tmp").iterdir()) == []

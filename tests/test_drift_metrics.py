@@ -58,9 +58,7 @@ def jobs(lh: LaunchHome) -> Iterator[list[str]]:
 # --------------------------------------------------------------------------- helpers
 
 
-def submit(
-    lh: LaunchHome, jobs: list[str], src: Path, *command: str, nodes: int = 1
-) -> str:
+def submit(lh: LaunchHome, jobs: list[str], src: Path, *command: str, nodes: int = 1) -> str:
     """`launch submit --detach` from the tree `src`; the job id."""
     r = lh.run(
         "submit",
@@ -298,7 +296,7 @@ import time
 import launch_runtime as lr
 for step in range(1, 51):
     lr.report(step, loss=1.0 / step + (step % 7) * 0.01)
-    time.sleep(0.01)
+    time.sleep(0.02)
 print('done', flush=True)
 """
 
@@ -321,10 +319,12 @@ def test_metrics_points_buckets_and_a_rewinding_resume(
     assert [p["step"] for p in points] == list(range(1, 51))
     assert {(p["revision"], p["restart"]) for p in points} == {(0, 0)}
     assert [p["values"] for p in points] == [{"loss": loss(s)} for s in range(1, 51)]
+    # Points are read as the job writes them (in batches, each stamped when read), not all
+    # at once when it ends.
     times = [p["at_ns"] for p in points]
-    assert times == sorted(times) and times[-1] > times[0]  # read as the job wrote them
-    started = st["nodes"][0]["started_ns"]
-    assert all(started <= t <= time.time_ns() for t in times)
+    node = st["nodes"][0]
+    assert times == sorted(times) and times[-1] > times[0], times
+    assert node["started_ns"] <= times[0] < node["ended_ns"], (node, times)
 
     summary = metrics(lh, job, "--buckets", "5")
     buckets = summary["buckets"]
@@ -357,11 +357,14 @@ PATCHED_TRAINER = """\
 import os, time
 import launch_runtime as lr
 code = os.environ['LAUNCH_CODE_DIR']
-for step in range(1, 51):
+step, after = 0, 0
+while step < 1000 and after < 10:  # ten steps once the new value is seen
+    step += 1
     with open(os.path.join(code, 'value.txt')) as f:
         value = float(f.read())
     lr.report(step, loss=1.0 / step, value=value)
-    time.sleep(0.06)
+    after += value == 2.0
+    time.sleep(0.05)
 """
 
 
@@ -387,12 +390,13 @@ def test_points_after_a_patch_carry_the_new_revision(
     assert st["nodes"][0]["restart_count"] == 0
 
     points = metrics(lh, job)["points"]
-    assert [p["step"] for p in points] == list(range(1, 51))
+    last = points[-1]["step"]
+    assert [p["step"] for p in points] == list(range(1, last + 1))
     assert {p["restart"] for p in points} == {0}
     revs = [p["revision"] for p in points]
     assert revs == sorted(revs) and set(revs) == {0, 1}, revs  # r0 points, then r1 points
     last_r0 = max(p["step"] for p in points if p["revision"] == 0)
-    assert 25 <= last_r0 < 50
+    assert last_r0 >= 25 and last - last_r0 >= 8, (last_r0, last)
     assert points[0]["values"]["value"] == 1.0 and points[-1]["values"]["value"] == 2.0
     # Within a step or two of the switch the job reads the new value and keeps it.
     assert all(p["values"]["value"] == 2.0 for p in points if p["step"] > last_r0 + 2)
@@ -437,9 +441,7 @@ def test_launch_runtime_sees_the_patch_and_reloads_the_helper(
     (src / "helper.py").write_text("def value():\n    return 2\n")
     result = patch(lh, job, src, "helper.py")
     assert (result["revision"], result["paths"]) == (1, ["helper.py"])
-    m = wait_log(
-        lh, job, r"^\[0\] patched r(\d+) at (\d+) reloaded (\S*) value (\d+) now r(\d+)$"
-    )
+    m = wait_log(lh, job, r"^\[0\] patched r(\d+) at (\d+) reloaded (\S*) value (\d+) now r(\d+)$")
     assert m[1] == "1" and m[5] == "1", m[0]
     assert int(m[2]) - result["at_ns"][0] < 1.5e9, "on_patch fired late"
     assert m[3] == "helper" and m[4] == "2", m[0]  # the new code answers

@@ -418,6 +418,26 @@ def test_added_and_removed_files_with_a_warm_cache(
     assert frozen.bundle_id == freeze(tree, store).bundle_id  # same as without a cache
 
 
+def test_switching_branches_ships_the_other_branch(tmp_path: Path, store: Store) -> None:
+    """git rewrites files and its index on checkout; the cache must not hold on to either."""
+    root = git_repo(tmp_path / "repo", FILES)
+    git(root, "checkout", "-q", "-b", "other")
+    write(root, {"train.py": "print('other')\n"})  # the same size as on main
+    git(root, "commit", "-q", "-am", "other")
+    git(root, "checkout", "-q", "main")
+    age(root)
+    git(root, "status")
+    cache = tmp_path / "stat"
+    on_main = freeze(root, store, cache_path=cache)
+    git(root, "checkout", "-q", "other")
+    os.utime(root / "train.py", (HOUR_AGO, HOUR_AGO))
+    git(root, "status")
+    on_other = freeze(root, store, cache_path=cache)
+    assert store.get(on_other.manifest.by_path()["train.py"].blob) == b"print('other')\n"
+    assert on_other.source.branch == "other" and on_other.bundle_id != on_main.bundle_id
+    assert freeze(root, store).bundle_id == on_other.bundle_id  # as without a cache
+
+
 def test_git_vouches_only_for_what_it_checked(tmp_path: Path, store: Store) -> None:
     """A tracked file git does not check (assume-unchanged) is stat-ed and read like any."""
     root = git_repo(tmp_path / "repo", FILES)
@@ -542,6 +562,21 @@ def test_dirty_whatever_the_change(tmp_path: Path, store: Store, change: str) ->
         write(root, {"data/config.yaml": "lr: 1\n"})
     assert freeze(root, store, cache_path=cache).source.dirty is True
     assert freeze(root, store).source.dirty is True
+
+
+def test_a_change_still_counts_when_the_file_is_not_read_again(
+    tmp_path: Path, store: Store
+) -> None:
+    root = git_repo(tmp_path / "repo", FILES)
+    age(root)
+    cache = tmp_path / "stat"
+    assert freeze(root, store, cache_path=cache).source.dirty is False
+    write(root, {"train.py": "print('changed')\n"})
+    os.utime(root / "train.py", (HOUR_AGO, HOUR_AGO))
+    first = freeze(root, store, cache_path=cache)
+    again = freeze(root, store, cache_path=cache)
+    assert (first.files_read, again.files_read) == (1, 0)
+    assert first.source.dirty is True and again.source.dirty is True
 
 
 def test_touched_but_unchanged_is_clean(tmp_path: Path, store: Store) -> None:

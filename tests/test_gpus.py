@@ -26,7 +26,7 @@ import pytest
 from agents import AgentFactory, AgentProc, wait_for
 from launcher_env import PYTHON, LaunchHome, Result, wait_until, write_tree
 
-from agent.protocol.errors import JobStateError
+from agent.protocol.errors import Busy, JobStateError
 from agent.protocol.objects import Entry, Manifest, blob_id
 from launcher.ops import new_job_id
 
@@ -145,8 +145,8 @@ class Cluster:
         assert wait_until(printed, 30), (job, seen)
         return seen
 
-    def status(self, job: str) -> dict[str, Any]:
-        answer: dict[str, Any] = self.run("status", job, "--json").json()
+    def status(self, job: str, lh: LaunchHome | None = None) -> dict[str, Any]:
+        answer: dict[str, Any] = self.run("status", job, "--json", lh=lh).json()
         return answer
 
     def close(self) -> None:
@@ -170,9 +170,7 @@ def lh() -> Iterator[LaunchHome]:
 
 
 @pytest.fixture
-def make_cluster(
-    agents: AgentFactory, lh: LaunchHome, tmp_path: Path
-) -> Iterator[Any]:
+def make_cluster(agents: AgentFactory, lh: LaunchHome, tmp_path: Path) -> Iterator[Any]:
     made: list[Cluster] = []
 
     def make(n: int, ttl: float | None = None) -> Cluster:
@@ -338,13 +336,16 @@ def test_two_launchers_racing_for_the_same_nodes_never_start_partially(
     c = make_cluster(4)
     other = LaunchHome()  # a second user machine: its own home, same cluster
     try:
-        racers = [c.spawn(), c.spawn(lh=other)]
+        homes = [c.lh, other]
+        racers = [c.spawn(lh=home) for home in homes]
         results = []
-        for proc, stop, err in racers:
+        for (proc, stop, err), home in zip(racers, homes, strict=True):
             out, _ = proc.communicate(timeout=60)
-            results.append((proc.returncode, out, err.read_text(), stop))
+            results.append((proc.returncode, out, err.read_text(), stop, home))
         assert sorted(code for code, *_ in results) == [0, 6], results
-        (_, out, _, win_stop), (_, _, lose_err, _) = sorted(results, key=lambda x: x[0])
+        (_, out, _, win_stop, win_home), (_, _, lose_err, _, _) = sorted(
+            results, key=lambda x: x[0]
+        )
         winner = out.strip().splitlines()[-1]
         lines = [x for x in lose_err.splitlines() if x.strip()]
         assert len(lines) == 1 and "Traceback" not in lose_err, lose_err
@@ -354,8 +355,8 @@ def test_two_launchers_racing_for_the_same_nodes_never_start_partially(
             assert holders(agent) == dict.fromkeys(range(4), winner)
             running = [j["job"] for j in agent.call("jobs")["jobs"] if j["state"] == "running"]
             assert running == [winner]
-        win_stop.touch()
-        assert wait_until(lambda: c.status(winner)["state"] == "succeeded", 30)
+        win_stop.touch()  # its records are in the home that submitted it
+        assert wait_until(lambda: c.status(winner, win_home)["state"] == "succeeded", 30)
 
         # Again, both with --wait (two terminals of one user): one starts, the other waits
         # and starts after the first ends; never a partial start in between.
@@ -412,7 +413,7 @@ def _upload_and_prepare(agent: AgentProc, job: str, rank: int, gpus: int) -> Non
 def test_reservations_of_a_job_never_started_expire_and_the_gpus_come_back(
     make_cluster: Any,
 ) -> None:
-    ttl = 3.0
+    ttl = 4.0  # long enough for one `launch submit` to be refused within it
     c = make_cluster(2, ttl=ttl)
     abandoned = new_job_id()
     for rank, agent in enumerate(c.agents):
@@ -423,9 +424,9 @@ def test_reservations_of_a_job_never_started_expire_and_the_gpus_come_back(
         assert holders(agent) == dict.fromkeys(range(4), abandoned)
         assert agent.call("status", {"job": abandoned})["state"] == "prepared"
     r, _ = c.submit()
-    if time.monotonic() - prepared_at < ttl - 0.5:  # still within the reservation's life
-        line = r.assert_clean_failure(6)
-        assert abandoned in line, line
+    assert time.monotonic() - prepared_at < ttl, "the refusal below must come within the TTL"
+    line = r.assert_clean_failure(6)
+    assert abandoned in line, line
 
     # After the TTL the GPUs are free again, and a job needing all of them starts.
     for agent in c.agents:
@@ -453,7 +454,15 @@ def test_a_reservation_before_prepare_is_visible_and_expires(make_cluster: Any) 
     r, _ = c.submit("--gpus-per-node", "2")
     line = r.assert_clean_failure(6)
     assert job in line and "1 of 4 free" in line, line
+    # A prepare refused as Busy may be retried with the same job id once GPUs are free.
+    retried = new_job_id()
+    with pytest.raises(Busy):
+        _upload_and_prepare(c.agents[0], retried, 0, 2)
     wait_for(lambda: set(holders(c.agents[0]).values()) == {None}, timeout=ttl + 10)
+    _upload_and_prepare(c.agents[0], retried, 0, 2)
+    assert held_by(c.agents[0], retried) == [0, 1]
+    c.agents[0].call("abort", {"job": retried})
+    assert set(holders(c.agents[0]).values()) == {None}
     started, _ = c.started("--gpus-per-node", "2")
     assert c.gpus_of(started, 1)[0][0] == "0,1"
 

@@ -30,7 +30,7 @@ import pytest
 from launcher_env import PYTHON, LaunchHome, Result, wait_until, write_tree
 
 from agent.protocol.errors import StaleRevision
-from agent.protocol.objects import Entry, Manifest, apply_changes, blob_id
+from agent.protocol.objects import Entry, Manifest, Revision, apply_changes, blob_id
 from launcher.client import AgentClient, open_unix_client
 
 NODES = ["local0", "local1"]
@@ -49,6 +49,19 @@ ROW_KEYS = {
 }
 
 SLEEPER = "import time\ntime.sleep(300)\n"
+# Prints its restart count and revision, then sleeps.
+START = """\
+import os, time
+env = os.environ
+print(f"rank {env['LAUNCH_NODE_RANK']} count {env['LAUNCH_RESTART_COUNT']} "
+      f"rev {env['LAUNCH_REVISION']}", flush=True)
+time.sleep(300)
+"""
+# The same, but fails on its first run (restart count 0).
+FAILS_FIRST = START.replace(
+    "time.sleep(300)",
+    "if env['LAUNCH_RESTART_COUNT'] == '0':\n    raise SystemExit(1)\ntime.sleep(300)",
+)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -189,6 +202,26 @@ async def next_bundle(client: AgentClient, job: str, files: dict[str, bytes]) ->
 async def upload(client: AgentClient, manifest: Manifest, files: dict[str, bytes]) -> None:
     await client.call("put_manifest", {"manifest": manifest.encode()})
     await client.call("put_blobs", {"blobs": [[blob_id(d), d] for d in files.values()]})
+
+
+def node_histories(lh: LaunchHome, job: str) -> list[list[tuple[Any, ...]]]:
+    """Each node's own revision records of the job, without the node-local time and step."""
+
+    async def read() -> list[list[tuple[Any, ...]]]:
+        async with open_agents(lh) as clients:
+            out = []
+            for client in clients:
+                result = await client.call("revisions", {"job": job})
+                revs = [Revision.decode(r) for r in result["revisions"]]
+                out.append(
+                    [
+                        (r.number, r.parent, r.bundle, r.paths, r.reason, r.author, r.message)
+                        for r in revs
+                    ]
+                )
+            return out
+
+    return asyncio.run(read())
 
 
 def prepare_params(job: str, base: int, bundle: str) -> dict[str, Any]:
@@ -539,39 +572,48 @@ def test_repair_rolls_a_cut_patch_forward(
     for rank in (0, 1):
         assert (code_dir(lh, rank, job) / "a.txt").read_bytes() == files["a.txt"]
 
-    # Each node's own record of r1 names the same tree and parent.
-    async def per_node() -> list[list[tuple[int, int | None, str, list[str]]]]:
-        from agent.protocol.objects import Revision
-
-        async with open_agents(lh) as clients:
-            out = []
-            for client in clients:
-                revs = (await client.call("revisions", {"job": job}))["revisions"]
-                out.append(
-                    [
-                        (x.number, x.parent, x.bundle, list(x.paths))
-                        for x in map(Revision.decode, revs)
-                    ]
-                )
-            return out
-
-    mine, theirs = asyncio.run(per_node())
+    # Each node's own history says the same: tree, parent, reason, author, message.
+    mine, theirs = node_histories(lh, job)
     assert mine == theirs
 
     again = lh.run("repair", job)
     assert again.code == 0 and again.lines()[0] == "all nodes agree", again.describe()
 
 
+def test_repair_of_a_cut_resume_resumes_the_remaining_node(
+    lh: LaunchHome, jobs: list[str], tmp_path: Path
+) -> None:
+    src = write_tree(tmp_path / "src", {"start.py": FAILS_FIRST})
+    job = submit(lh, src, PYTHON, "start.py")
+    jobs.append(job)
+    wait_state(lh, job, {"failed"})
+
+    async def cut() -> None:
+        """A `launch resume` that died once node 0 had prepared and committed."""
+        async with open_agents(lh) as clients:
+            st = await clients[0].call("status", {"job": job})
+            params = {**prepare_params(job, 0, st["bundle"]), "reason": "resume"}
+            await clients[0].call("patch_prepare", params)
+            await clients[0].call("patch_commit", {"job": job, "revision": 1})
+
+    asyncio.run(cut())
+    st = status(lh, job)
+    assert st["diverged"] is True
+    assert [(n["state"], n["revision"]) for n in st["nodes"]] == [("running", 1), ("failed", 0)]
+
+    r = lh.run("repair", job)
+    assert r.code == 0, r.describe()
+    assert r.lines() == ["local1: r0 -> r1", f"{job} at r1 on every node"], r.describe()
+    # Node 1 is resumed too, not merely given the revision.
+    wait_log(lh, job, "rank {rank} count 1 rev 1")
+    st = assert_agree(lh, job, 1)
+    assert [(n["state"], n["restart_count"]) for n in st["nodes"]] == [("running", 1)] * 2
+    mine, theirs = node_histories(lh, job)
+    assert mine == theirs
+    assert mine[1][4:] == ("resume", "test@cut", "cut short")
+
+
 # --------------------------------------------------------- 6: --restart and --signal
-
-
-START = """\
-import os, time
-env = os.environ
-print(f"rank {env['LAUNCH_NODE_RANK']} count {env['LAUNCH_RESTART_COUNT']} "
-      f"rev {env['LAUNCH_REVISION']}", flush=True)
-time.sleep(300)
-"""
 
 
 def test_patch_restart_restarts_both_ranks_from_the_new_revision(
@@ -639,11 +681,7 @@ def test_patch_signal_is_delivered_after_the_commit(
 def test_resume_starts_an_ended_job_again_as_a_new_revision(
     lh: LaunchHome, jobs: list[str], tmp_path: Path
 ) -> None:
-    fails_first = START.replace(
-        "time.sleep(300)",
-        "if env['LAUNCH_RESTART_COUNT'] == '0':\n    raise SystemExit(1)\ntime.sleep(300)",
-    )
-    src = write_tree(tmp_path / "src", {"start.py": fails_first})
+    src = write_tree(tmp_path / "src", {"start.py": FAILS_FIRST})
     job = submit(lh, src, PYTHON, "start.py")
     jobs.append(job)
     wait_state(lh, job, {"failed"})
