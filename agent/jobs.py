@@ -164,8 +164,18 @@ class JobManager:
                 os.chown(owned, owner.uid, owner.gid)
         recorded_env, secret_env = secrets.split(dict(p.env))
         secret_env = {k: v for k, v in secret_env.items() if v != secrets.REDACTED}
-        if p.env_from:  # a rerun: the secret values of the job it repeats, on this node
-            source = self.owned(p.env_from, uid)
+        redacted = [k for k, v in p.env.items() if secrets.is_secret(k) and v == secrets.REDACTED]
+        # A rerun: the secret values of the job it repeats, kept on that job's nodes only (a
+        # rerun without secrets may run anywhere).
+        if p.env_from and redacted:
+            try:
+                source = self.owned(p.env_from, uid)
+            except JobNotFound:
+                raise InvalidParams(
+                    f"{p.env_from} did not run here: its values of {', '.join(sorted(redacted))}"
+                    " are kept only on its own nodes (rerun it there, or submit with --env)",
+                    p.job,
+                ) from None
             secret_env = {**secrets.load(self.paths(source.id).secrets), **secret_env}
         now = time.time_ns()
         revision = Revision(

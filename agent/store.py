@@ -47,7 +47,11 @@ from agent.protocol.objects import (
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 COPY_THREADS = 4
 MANIFEST_MEMO = 8  # decoded manifests kept in memory, most recent last
-FILL_AHEAD = 64  # directories handed to the copy threads ahead of them (one descriptor each)
+# Materialising: directories go to the copy threads in chunks of up to FILL_CHUNK_FILES files
+# or FILL_CHUNK_DIRS directories (one descriptor each), at most FILL_AHEAD chunks ahead.
+FILL_CHUNK_FILES = 64
+FILL_CHUNK_DIRS = 16
+FILL_AHEAD = 8
 MIN_PREFIX = 4
 _HEX = frozenset("0123456789abcdef")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -297,48 +301,66 @@ class Store:
         try:
             with ThreadPoolExecutor(COPY_THREADS) as pool:
                 pending: collections.deque[Future[None]] = collections.deque()
+                # Directories go to the copy threads in chunks (a task per directory costs
+                # more than its one or two files), each with its own descriptor of it,
+                # closed by the worker: at most FILL_AHEAD chunks are waiting.
+                chunk: list[tuple[int, list[Entry]]] = []
+                chunk_files = [0]
 
-                def fill(parts: tuple[str, ...], dir_fd: int) -> None:
-                    # Each group gets its own descriptor of its directory (closed by the
-                    # worker); at most FILL_AHEAD are open at once.
-                    if parts in groups:
-                        fd = os.dup(dir_fd)
-                        pending.append(pool.submit(self._fill_dir, fd, parts, groups[parts], clone))
+                def flush() -> None:
+                    if chunk:
+                        pending.append(pool.submit(self._fill_dirs, list(chunk), clone))
+                        chunk.clear()
+                        chunk_files[0] = 0
                         while len(pending) > FILL_AHEAD:
                             pending.popleft().result()
 
-                fill((), root_fd)
-                # Sorted tuples are a depth-first pre-order: each directory is made through a
-                # descriptor of its parent, opened once (no walk from the root per directory).
-                stack: list[tuple[tuple[str, ...], int]] = []
+                def fill(parts: tuple[str, ...], dir_fd: int) -> None:
+                    entries = groups.get(parts)
+                    if entries:
+                        chunk.append((os.dup(dir_fd), entries))
+                        chunk_files[0] += len(entries)
+                        if chunk_files[0] >= FILL_CHUNK_FILES or len(chunk) >= FILL_CHUNK_DIRS:
+                            flush()
+
                 try:
-                    for parts in dirs:
-                        while stack and stack[-1][0] != parts[:-1]:
-                            os.close(stack.pop()[1])
-                        fd = _make_child(stack[-1][1] if stack else root_fd, parts)
-                        stack.append((parts, fd))
-                        fill(parts, fd)
+                    fill((), root_fd)
+                    # Sorted tuples are a depth-first pre-order: each directory is made
+                    # through a descriptor of its parent, opened once (no walk from the root
+                    # per directory).
+                    stack: list[tuple[tuple[str, ...], int]] = []
+                    try:
+                        for parts in dirs:
+                            while stack and stack[-1][0] != parts[:-1]:
+                                os.close(stack.pop()[1])
+                            fd = _make_child(stack[-1][1] if stack else root_fd, parts)
+                            stack.append((parts, fd))
+                            fill(parts, fd)
+                    finally:
+                        for _, fd in stack:
+                            os.close(fd)
+                    flush()
                 finally:
-                    for _, fd in stack:
+                    for fd, _ in chunk:  # never handed to a worker
                         os.close(fd)
                 while pending:
                     pending.popleft().result()
         finally:
             os.close(root_fd)
 
-    def _fill_dir(
-        self, dir_fd: int, parts: Sequence[str], entries: list[Entry], clone: _Cloner
-    ) -> None:
-        """Create the files and symlinks of one directory, through (and then closing) a
-        descriptor of it."""
+    def _fill_dirs(self, dirs: list[tuple[int, list[Entry]]], clone: _Cloner) -> None:
+        """Create the files and symlinks of some directories, each through a descriptor of
+        it; closes every descriptor."""
         try:
-            for entry in entries:
-                try:
-                    self._create(dir_fd, entry, clone)
-                except OSError as exc:
-                    raise _tree_error(exc, entry.path) from None
+            for dir_fd, entries in dirs:
+                for entry in entries:
+                    try:
+                        self._create(dir_fd, entry, clone)
+                    except OSError as exc:
+                        raise _tree_error(exc, entry.path) from None
         finally:
-            os.close(dir_fd)
+            for dir_fd, _ in dirs:
+                os.close(dir_fd)
 
     def _create(self, dir_fd: int, entry: Entry, clone: _Cloner) -> None:
         name = safe_component(entry.path.rsplit("/", 1)[-1])

@@ -31,11 +31,13 @@ shell at all (the agent's socket is forwarded).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +47,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench import BASE, RESULTS
 from bench.corpus import PROJECT, VERSION, corpus, file_count
@@ -143,7 +147,7 @@ class Bench:
 
     def host(self, i: int) -> str:
         assert self.server is not None
-        return self.server.addresses[i]
+        return str(self.server.addresses[i])
 
     def ssh_opts(self) -> list[str]:
         assert self.server is not None
@@ -162,9 +166,11 @@ class Bench:
     def ssh_run(self, i: int, command: str, mux: bool = True) -> str:
         assert self.server is not None
         base = self.ssh_opts() if mux else ["ssh", "-F", str(self.server.ssh_config)]
-        return subprocess.run(
-            [*base, self.host(i), command], check=True, capture_output=True, text=True
-        ).stdout
+        return str(
+            subprocess.run(
+                [*base, self.host(i), command], check=True, capture_output=True, text=True
+            ).stdout
+        )
 
     def start_masters(self) -> None:
         self.masters_up = True
@@ -276,13 +282,14 @@ class Bench:
         path.mkdir(parents=True)
         return path
 
-    def run_launch(self) -> dict[str, Any]:
+    def run_launch(self, nodes: int = NODES) -> dict[str, Any]:
         marks = self.markers()
         argv = [
             LAUNCH,
             "submit",
             "--detach",
             "--no-login-shell",
+            *(["--nodes", str(nodes)] if nodes != NODES else []),
             "--dir",
             str(self.tree),
             "--",
@@ -312,7 +319,7 @@ class Bench:
                 return None
 
             try:
-                seconds = wait_markers(marks, t0, failed)
+                seconds = wait_markers(marks, t0, failed, nodes)
             except BaseException:
                 proc.kill()  # ours, by its Popen: never left behind on a failure
                 proc.wait()
@@ -369,17 +376,19 @@ class Bench:
         return {"s": seconds, "rsync_done_max_s": max(synced), "mcpu_s": cpu}
 
 
-def wait_markers(marks: Path, t0: float, step: Callable[[], str | None]) -> float:
-    """Seconds from t0 until NODES marker files exist in `marks`, polling every POLL_S."""
+def wait_markers(
+    marks: Path, t0: float, step: Callable[[], str | None], count: int = NODES
+) -> float:
+    """Seconds from t0 until `count` marker files exist in `marks`, polling every POLL_S."""
     deadline = t0 + RUN_TIMEOUT_S
     while True:
         problem = step()
         if problem:
             raise RuntimeError(problem)
-        if len(os.listdir(marks)) >= NODES:
+        if len(os.listdir(marks)) >= count:
             return time.perf_counter() - t0
         if time.perf_counter() > deadline:
-            raise RuntimeError(f"not all {NODES} markers in {marks} after {RUN_TIMEOUT_S} s")
+            raise RuntimeError(f"not all {count} markers in {marks} after {RUN_TIMEOUT_S} s")
         time.sleep(POLL_S)
 
 
@@ -400,22 +409,17 @@ def pick_edit_file(root: Path) -> Path:
 # ---------------------------------------------------------------------------- running
 
 
+Side = tuple[Callable[[], None], Callable[[], dict[str, Any]]]  # (untimed setup, timed run)
+
+
 def measure(
-    bench: Bench,
-    reps: int,
-    setup_launch: Callable[[], None],
-    setup_rsync: Callable[[], None],
-    before_pair: Callable[[], None] = lambda: None,
+    sides: dict[str, Side], reps: int, before_pair: Callable[[], None] = lambda: None
 ) -> dict[str, list[dict[str, Any]]]:
     """One untimed warm-up pair, then `reps` timed pairs; the order swaps every pair."""
-    out: dict[str, list[dict[str, Any]]] = {"launch": [], "rsync": []}
-    sides = {
-        "launch": (setup_launch, bench.run_launch),
-        "rsync": (setup_rsync, bench.run_rsync),
-    }
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     for k in range(reps + 1):
         before_pair()
-        order = ["launch", "rsync"] if k % 2 == 0 else ["rsync", "launch"]
+        order = list(sides) if k % 2 == 0 else list(reversed(sides))
         for side in order:
             setup, action = sides[side]
             setup()
@@ -435,7 +439,8 @@ def measure(
     return out
 
 
-def summary(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str, Any]:
+def summary(runs: dict[str, list[dict[str, Any]]], target: float | None) -> dict[str, Any]:
+    """Median, min, max per side; ratio = launch's median over the other side's."""
     res: dict[str, Any] = {}
     for side, items in runs.items():
         times = [r["s"] for r in items]
@@ -447,8 +452,9 @@ def summary(runs: dict[str, list[dict[str, Any]]], target: float) -> dict[str, A
             "bg_load_max": max(r["bg_load"] for r in items),
             "runs": items,
         }
-    ratio = res["launch"]["median_s"] / res["rsync"]["median_s"]
-    res.update(ratio=ratio, target=target, met=ratio <= target)
+    (other,) = [side for side in runs if side != "launch"]
+    ratio = res["launch"]["median_s"] / res[other]["median_s"]
+    res.update(ratio=ratio, target=target, met=None if target is None else ratio <= target)
     return res
 
 
@@ -488,7 +494,13 @@ def run(reps: int | None = None) -> dict[str, Any]:
             f"\n== cold: {PROJECT} {VERSION}, {files:,} files, {size / 1e6:.1f} MB, {NODES} nodes",
             file=sys.stderr,
         )
-        cold = measure(bench, reps, bench.cold_launch, bench.cold_rsync)
+        cold = measure(
+            {
+                "launch": (bench.cold_launch, bench.run_launch),
+                "rsync": (bench.cold_rsync, bench.run_rsync),
+            },
+            reps,
+        )
         results["cold"] = summary(cold, TARGETS["cold"])
 
         print(f"\n== one file changed ({results['edited']})", file=sys.stderr)
@@ -496,7 +508,11 @@ def run(reps: int | None = None) -> dict[str, Any]:
         # runs sees exactly one file changed since its own previous run.
         bench.run_launch()
         bench.run_rsync()
-        one = measure(bench, reps, lambda: None, lambda: None, before_pair=bench.edit)
+        one = measure(
+            {"launch": (_nothing, bench.run_launch), "rsync": (_nothing, bench.run_rsync)},
+            reps,
+            before_pair=bench.edit,
+        )
         results["one_file"] = summary(one, TARGETS["one_file"])
 
         results["holder_kept"] = holder is not None and bench.holder_pid() == holder
@@ -504,6 +520,7 @@ def run(reps: int | None = None) -> dict[str, Any]:
             bench.server.accepted() - logins if bench.server else None
         )
         check_copies(bench)
+        results["ray"] = ray_peer(bench, reps)
     finally:
         bench.close()
     _report(results)
@@ -512,6 +529,10 @@ def run(reps: int | None = None) -> dict[str, Any]:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults: {out}")
     return results
+
+
+def _nothing() -> None:
+    pass
 
 
 def check_copies(bench: Bench) -> None:
@@ -527,32 +548,244 @@ def check_copies(bench: Bench) -> None:
             raise RuntimeError(f"rsync target of node {i} differs: {diff.stdout[:500]}")
 
 
+# ------------------------------------------------------------------------ Ray (optional)
+
+RAY_VENV = BASE / "ray-venv"
+RAY_TMP = Path("/tmp/lbray")  # short: Ray puts Unix sockets under it
+RAY_INSTALL_TIMEOUT_S = 600
+# Ray replaces a loopback node address with the machine's routable one unless this is set
+# (the single-machine mode it uses on macOS and Windows); never start Ray here without it.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def ray_peer(bench: Bench, reps: int) -> dict[str, Any]:
+    """On one node: `launch submit --nodes 1` against `ray job submit --working-dir` to a
+    local Ray head on loopback, in its own virtual environment. Skipped with a note when Ray
+    does not install within RAY_INSTALL_TIMEOUT_S or would not stay on loopback."""
+    why = "disabled by LAUNCH_BENCH_RAY=0" if os.environ.get("LAUNCH_BENCH_RAY") == "0" else None
+    why = why or _install_ray()
+    if why:
+        print(f"\nRay: skipped: {why}", file=sys.stderr)
+        return {"skipped": why}
+    ray = RayHead()
+    try:
+        why = ray.start()
+        if why:
+            print(f"\nRay: skipped: {why}", file=sys.stderr)
+            return {"skipped": why}
+        one = lambda: bench.run_launch(1)  # noqa: E731
+        print("\n== 1 node, cold: launch (fresh agent, no local cache) vs ray", file=sys.stderr)
+        cold = measure({"launch": (bench.cold_launch, one), "ray": (bench.edit, ray.submit)}, reps)
+        print("\n== 1 node, one file changed: launch vs ray", file=sys.stderr)
+        bench.run_launch(1)
+        changed = measure(
+            {"launch": (_nothing, one), "ray": (_nothing, ray.submit)}, reps, before_pair=bench.edit
+        )
+        return {
+            "version": ray.version,
+            "listening": ray.listening,
+            "cold": summary(cold, None),
+            "one_file": summary(changed, None),
+        }
+    finally:
+        ray.stop()
+
+
+def _install_ray() -> str | None:
+    ray = RAY_VENV / "bin" / "ray"
+    if ray.exists():
+        return None
+    print(f"installing ray[default] into {RAY_VENV} (once)...", file=sys.stderr)
+    started = time.monotonic()
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(RAY_VENV)], check=True)
+        subprocess.run(
+            [str(RAY_VENV / "bin" / "pip"), "install", "-q", "ray[default]"],
+            check=True,
+            timeout=RAY_INSTALL_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(RAY_VENV, ignore_errors=True)
+        return f"ray did not install within {RAY_INSTALL_TIMEOUT_S} s"
+    except (OSError, subprocess.CalledProcessError) as exc:
+        shutil.rmtree(RAY_VENV, ignore_errors=True)
+        return f"ray did not install: {exc}"
+    print(f"ray installed in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return None
+
+
+class RayHead:
+    """A single-node Ray cluster on loopback with its own temp dir; stopped by pid."""
+
+    def __init__(self) -> None:
+        self.env = {**os.environ, **RAY_ENV}
+        self.ray = str(RAY_VENV / "bin" / "ray")
+        self.version = ""
+        self.listening: list[str] = []
+        self.dashboard = ""
+        self.gcs = ""
+
+    def start(self) -> str | None:
+        python = str(RAY_VENV / "bin" / "python")
+        probe = "import ray._private.services as s; print(s.resolve_ip_for_localhost('127.0.0.1'))"
+        ip = subprocess.run(
+            [python, "-c", probe], env=self.env, capture_output=True, text=True
+        ).stdout.strip()
+        if not ip.startswith("127."):
+            return f"Ray would use node address {ip!r}, not loopback"
+        self.version = subprocess.run(
+            [self.ray, "--version"], env=self.env, capture_output=True, text=True
+        ).stdout.strip()
+        shutil.rmtree(RAY_TMP, ignore_errors=True)
+        gcs, dash, agent, client = _free_ports(4)
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self.gcs = f"127.0.0.1:{gcs}"
+        started = subprocess.run(
+            [
+                self.ray, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+                f"--ray-client-server-port={client}", "--num-cpus=2",
+                f"--temp-dir={RAY_TMP}", "--disable-usage-stats",
+            ],
+            env=self.env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        if started.returncode != 0:
+            return f"ray start failed: {started.stdout[-1000:]}{started.stderr[-1000:]}"
+        self.listening = sorted(
+            f"{c.laddr.ip}:{c.laddr.port}"
+            for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in {p.pid for p in self.processes()}
+        )
+        outside = [a for a in self.listening if not _loopback(a.rsplit(":", 1)[0])]
+        if outside:
+            return f"Ray listens outside loopback: {outside}"
+        print(f"Ray {self.version}: head on loopback, listening {self.listening}", file=sys.stderr)
+        return None
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of our cluster: those naming our temp dir, and their descendants."""
+        found: dict[int, psutil.Process] = {}
+        marks = [
+            str(RAY_TMP),
+            *([self.gcs] if self.gcs else []),
+        ]  # the client proxy names only the GCS
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(m in arg for arg in proc.info["cmdline"] or () for m in marks):
+                found[proc.pid] = proc
+                with contextlib.suppress(psutil.Error):
+                    found.update((c.pid, c) for c in proc.children(recursive=True))
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def submit(self) -> dict[str, Any]:
+        marks = SHM / "markers" / f"ray-{time.monotonic_ns()}"
+        marks.mkdir(parents=True)
+        argv = [
+            self.ray, "job", "submit", "--address", self.dashboard, "--no-wait",
+            "--working-dir", str(WORK / "project" / "tree"), "--",
+            "sh", "-c", f"touch {marks}/0",
+        ]  # fmt: skip
+        c0, t0 = machine_cpu(), time.perf_counter()
+        proc = subprocess.Popen(
+            argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def failed() -> str | None:
+            if proc.poll() not in (None, 0):
+                return f"ray job submit exited {proc.returncode}: {proc.stdout.read().decode()}"  # type: ignore[union-attr]
+            return None
+
+        try:
+            seconds = wait_markers(marks, t0, failed, 1)
+        finally:
+            if proc.poll() is None:
+                proc.wait(RUN_TIMEOUT_S)
+        cpu = machine_cpu() - c0
+        assert proc.stdout is not None
+        proc.stdout.close()
+        return {"s": seconds, "mcpu_s": cpu}
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(RAY_TMP, ignore_errors=True)
+
+
+def _loopback(ip: str) -> bool:
+    """A loopback address, or a wildcard (which peer-ray.sh also accepts, and reports)."""
+    ip = ip.removeprefix("::ffff:")
+    return ip.startswith("127.") or ip in ("0.0.0.0", "::", "::1")
+
+
+def _free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+SIDES = ("launch", "rsync")
+
+
+def _span(side: dict[str, Any]) -> str:
+    return f"{side['median_s']:.3f} [{side['min_s']:.3f}, {side['max_s']:.3f}]"
+
+
 def _report(r: dict[str, Any]) -> None:
     c = r["corpus"]
     print(f"\n## time until the code runs on {r['nodes']} nodes: launch submit vs rsync + ssh")
     print(
         f"\n{c['project']} {c['version']} sdist, {c['files']:,} files, {c['bytes'] / 1e6:.1f} MB; "
         f"{r['cpus']} CPUs shared by all {r['nodes']} simulated nodes; node state and rsync "
-        f"targets on tmpfs; medians of {r['reps']} alternating runs after one warm-up.\n"
+        f"targets on tmpfs; medians of {r['reps']} alternating runs after one warm-up. "
+        "Time: from the command's start until every node's job has run (a marker file).\n"
     )
-    print(
-        "| case | launch median s [min, max] | rsync + ssh median s [min, max] | ratio | target |"
-    )
+    print("| case | launch s, median [min, max] | rsync + ssh s | ratio | target |")
     print("| --- | ---: | ---: | ---: | --- |")
     for key, name in (("cold", "cold"), ("one_file", "one file changed")):
         s = r[key]
-        a, b = s["launch"], s["rsync"]
         verdict = "met" if s["met"] else "MISSED"
         print(
-            f"| {name} | {a['median_s']:.3f} [{a['min_s']:.3f}, {a['max_s']:.3f}] | "
-            f"{b['median_s']:.3f} [{b['min_s']:.3f}, {b['max_s']:.3f}] | "
+            f"| {name} | {_span(s['launch'])} | {_span(s['rsync'])} | "
             f"{s['ratio']:.2f}x | <= {s['target']}x {verdict} |"
         )
     print(
-        f"\nmachine CPU (median s, all processes) launch / rsync: cold "
+        "\nmachine CPU, median s (every process on the machine) launch / rsync: cold "
         f"{r['cold']['launch']['mcpu_median_s']:.2f} / {r['cold']['rsync']['mcpu_median_s']:.2f}, "
         f"one file {r['one_file']['launch']['mcpu_median_s']:.2f} / "
-        f"{r['one_file']['rsync']['mcpu_median_s']:.2f}; holder kept its connections: "
-        f"{r['holder_kept']}; new SSH logins during the timed runs: "
-        f"{r['ssh_logins_during_timed_runs']}"
+        f"{r['one_file']['rsync']['mcpu_median_s']:.2f}; background load before runs <= "
+        f"{max(r[k][s]['bg_load_max'] for k in ('cold', 'one_file') for s in SIDES):.2f} "
+        f"cores; holder kept its connections: {r['holder_kept']}; new SSH logins during the "
+        f"timed runs: {r['ssh_logins_during_timed_runs']}"
     )
+    ray = r.get("ray", {})
+    if "skipped" in ray:
+        print(f"\nRay Jobs peer: skipped: {ray['skipped']}")
+    elif ray:
+        print(
+            f"\n### 1 node: launch submit --nodes 1 vs {ray['version']}: ray job submit "
+            "--working-dir (local head on loopback; Ray uploads a new package for any change)\n"
+        )
+        print("| case | launch s, median [min, max] | ray s | ratio |")
+        print("| --- | ---: | ---: | ---: |")
+        for key, name in (
+            ("cold", "cold (Ray: a tree it has not seen)"),
+            ("one_file", "one file changed"),
+        ):
+            s = ray[key]
+            print(f"| {name} | {_span(s['launch'])} | {_span(s['ray'])} | {s['ratio']:.2f}x |")

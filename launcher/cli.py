@@ -316,7 +316,8 @@ def submit(
         count=nnodes,
         gpus_per_node=-1 if gpus is None else gpus,
         wait=wait,
-        data=list(data),
+        # A relative --data is relative to where `launch` runs, not to the agent's own cwd.
+        data=[str(Path(d).absolute()) for d in data],
         data_hash=data_hash,
         init_from=run(_parent_artifact(init_from)) if init_from else {},
     )

@@ -143,15 +143,18 @@ def freeze(
     with _Git(root) as git:  # first, so that git works while the rest happens
         cache = statcache.load(cache_path, top)
         last = _Listing.load(cache)
-        head = git.head()
         ignore = _LaunchIgnore.load(root)
-        vouch = head is not None and not _has_content(head.attributes)
         scan = None
+        if last is not None:
+            # While git lists the tree, scan what it listed last time: usually it is the same.
+            guess = not _has_content(last.attributes)
+            scan = _Scan(top, cache, last.listing, max_file_size, guess).run()
+            if not scan.misses:  # the manifest and its id too: if nothing changed, it is all
+                scan.manifest()
+        head = git.head()
+        vouch = head is not None and not _has_content(head.attributes)
         if head is not None:
             git.recall(last.memo if last is not None else None, head)
-        if last is not None and head is not None:
-            # While git lists the tree, scan what it listed last time: usually it is the same.
-            scan = _Scan(top, cache, last.listing, max_file_size, vouch).run()
         outputs = git.listings()
         digest: bytes | None = None
         if outputs is None:
@@ -162,24 +165,26 @@ def freeze(
                 listing = last.listing
             else:
                 listing = _parse_git(*outputs, ignore)
-        if scan is None or scan.listing is not listing:
+        if scan is None or scan.listing is not listing or scan.vouch_asked != vouch:
             known = scan.known() if scan is not None else None
             scan = _Scan(top, cache, listing, max_file_size, vouch).run(known)
         scan.raise_problems()
         scan.check_present(store)
         read = _read_all(top, scan.misses, store, max_file_size)
         scan.add_read(read)
-        manifest = _store_manifest(store, scan.entries() + read.entries)
+        manifest = _store_manifest(store, scan.manifest(read.entries))
         source = git.source(head, listing, scan) if head is not None and listing.git else Source()
     # The memo holds for as long as the index and HEAD do: kept unless git was asked again.
     memo = git.memo or (last.memo if last is not None else None)
+    attributes = head.attributes if head is not None else ""
     if cache_path is not None and (
         scan.changed(read)
         or manifest.bundle_id != cache.bundle_id
         or digest != (last.digest if last is not None else None)
         or memo != (last.memo if last is not None else None)
+        or attributes != (last.attributes if last is not None else "")
     ):
-        extra = listing.to_extra(digest, memo) if digest is not None else None
+        extra = listing.to_extra(digest, memo, attributes) if digest is not None else None
         statcache.save(cache_path, top, scan.table(read), manifest.bundle_id, extra)
     excluded = tuple(sorted(listing.excluded + scan.excluded, key=_path_of))
     return Frozen(root, manifest, source, excluded, read.bytes, read.files)
@@ -253,8 +258,9 @@ class _Listing:
             and path not in self.unvouched
         )
 
-    def to_extra(self, digest: bytes, memo: _StagedMemo | None) -> list[Any]:
-        """What the stat cache keeps of a git listing; the candidates are its rows' paths."""
+    def to_extra(self, digest: bytes, memo: _StagedMemo | None, attributes: str) -> list[Any]:
+        """What the stat cache keeps of a git listing (the candidates are its rows' paths),
+        with the memo and where the repository's own attributes file is."""
         return [
             digest,
             [[e.path, e.reason] for e in self.excluded],
@@ -264,6 +270,7 @@ class _Listing:
             sorted(self.unvouched),
             sorted(self.skip_worktree),
             memo.to_wire() if memo is not None else None,
+            attributes,
         ]
 
     @classmethod
@@ -273,7 +280,9 @@ class _Listing:
         if cache.extra is None:
             return None
         try:
-            digest, excluded, tracked, flags, modified, unvouched, skip, memo = cache.extra
+            digest, excluded, tracked, flags, modified, unvouched, skip, memo, attributes = (
+                cache.extra
+            )
             listing = cls(cache.table.paths, [Excluded(p, r) for p, r in excluded], git=True)
             listing._tracked, listing._tracked_column = None, tracked
             listing.untracked, listing.unmerged, listing.unknown, listing.attributes = (
@@ -285,9 +294,11 @@ class _Listing:
             staged = _StagedMemo.from_wire(memo, cache.written_ns - statcache.RACY_NS)
         except (TypeError, ValueError, IndexError):
             return None
-        if not isinstance(digest, bytes) or not isinstance(tracked, str):
+        if not (isinstance(digest, bytes) and isinstance(tracked, str)):
             return None
-        return _Recalled(digest, listing, staged)
+        if not isinstance(attributes, str):
+            return None
+        return _Recalled(digest, listing, staged, attributes)
 
 
 @dataclass(frozen=True)
@@ -298,6 +309,7 @@ class _Recalled:
     digest: bytes
     listing: _Listing
     memo: _StagedMemo | None
+    attributes: str  # the path of the repository's own attributes file
 
 
 # One record of `git ls-files -z -v -s --debug`: tag, mode, blob, stage, path, then the stat
@@ -422,13 +434,18 @@ class _Git:
         self._index_key: statcache.Key | None = None
         self.memo: _StagedMemo | None = None  # what to remember for the next freeze
         self._tracked: subprocess.Popen[bytes] | None = None
-        try:  # no system attributes file: see _LS_TRACKED
-            env = {**self._env, "GIT_ATTR_NOSYSTEM": "1"}
-            self._tracked = self._start(_LS_TRACKED, self._file(), subprocess.PIPE, env)
+        self._untracked_out, self._tracked_out = self._file(), self._file()
+        try:  # the untracked listing first: it takes longest
+            self._untracked = self._start(_LS_UNTRACKED, self._untracked_out, subprocess.DEVNULL)
         except FileNotFoundError:  # no git here: every tree is a plain directory
             return
-        self._untracked = self._start(_LS_UNTRACKED, self._file(), subprocess.DEVNULL)
+        env = {**self._env, "GIT_ATTR_NOSYSTEM": "1"}  # no system attributes: see _LS_TRACKED
+        self._tracked = self._start(_LS_TRACKED, self._tracked_out, subprocess.PIPE, env)
         self._head = self._start(_REV_PARSE, subprocess.PIPE, subprocess.DEVNULL)
+
+    def _started(self) -> bool:
+        """False if there is no git."""
+        return self._tracked is not None
 
     def _file(self) -> IO[bytes]:
         self._files.append(tempfile.TemporaryFile())  # noqa: SIM115 (closed by __exit__)
@@ -470,7 +487,7 @@ class _Git:
 
     def head(self) -> _Head | None:
         """HEAD and the paths git uses; None if root is not in a git work tree."""
-        if self._tracked is None:
+        if not self._started():
             return None
         out, _ = self._head.communicate()
         lines = out.decode(errors="replace").splitlines()
@@ -506,7 +523,7 @@ class _Git:
         """git's listings (tracked, untracked), or None when root is not in a git work tree
         (or there is no git). Any other git failure (a repository git refuses to use, say) is
         a FreezeError."""
-        if self._tracked is None:
+        if not self._started() or self._tracked is None:
             return None
         _, err = self._tracked.communicate()
         if self._tracked.returncode != 0:
@@ -520,7 +537,7 @@ class _Git:
             )
         if self._untracked.wait() != 0:
             raise FreezeError(f"git cannot list the untracked files of {self._root}", "")
-        tracked, untracked = (self._read(f) for f in self._files)
+        tracked, untracked = self._read(self._tracked_out), self._read(self._untracked_out)
         if not (tracked or untracked) and _has_files(self._root):
             raise FreezeError(
                 f"git shows no files in {self._root}: the repository around it ignores it; "
@@ -752,6 +769,8 @@ class _Scan:
         self.cache = cache
         self.listing = listing
         self.max_file_size = max_file_size
+        self.vouch_asked = vouch
+        self._manifest: Manifest | None = None
         self.vouch = vouch and listing.git and not listing.attributes
         self.hits: list[Entry] = []
         self._rows: Sequence[int] = ()  # the cache row of each candidate (-1: none)
@@ -848,8 +867,14 @@ class _Scan:
     def hit_rows(self, rows: list[int]) -> None:
         self._hit_rows = rows
 
-    def entries(self) -> list[Entry]:
-        return self.hits + self.others
+    def manifest(self, reads: list[Entry] | None = None) -> Manifest:
+        """The manifest of the hits, the other entries and `reads`, with its id worked out;
+        made once while nothing was read (a warm freeze makes it while git still works)."""
+        if reads:
+            return _manifest(self.hits + self.others + reads)
+        if self._manifest is None:
+            self._manifest = _manifest(self.hits + self.others)
+        return self._manifest
 
     def _sort_rest(self) -> None:
         for path, row, st, exc in self.rest:
@@ -964,6 +989,7 @@ class _Scan:
         missing = set(store.missing({e.blob for e in self.hits if e.kind != "symlink"}))
         if not missing:
             return
+        self._manifest = None
         kept: list[tuple[Entry, int]] = []
         for entry, row in zip(self.hits, self.hit_rows, strict=True):
             if entry.kind != "symlink" and entry.blob in missing:
@@ -1245,15 +1271,23 @@ def _why(exc: OSError) -> str:
 # --------------------------------------------------------------------------- manifest
 
 
-def _store_manifest(store: Store, entries: list[Entry]) -> Manifest:
-    """Sort the entries into a manifest and store it unless the store has it already.
-
-    Not validated here: `put_manifest` decodes what it stores, which validates every entry
-    and the tree's shape (duplicates, case clashes), and a manifest already in the store was
-    validated when it was put. Validating here as well would double the cost of a warm freeze.
-    """
-    entries.sort(key=_path_of)  # two sorted runs (hits, then reads): merged in linear time
+def _manifest(entries: list[Entry]) -> Manifest:
+    """Entries in path order, as a manifest whose id is known. Each entry is well formed by
+    construction; the tree's shape is validated by the store (see _store_manifest)."""
+    entries.sort(key=_path_of)  # sorted runs (hits, others, reads): merged in linear time
     manifest = Manifest(tuple(entries))
+    manifest.bundle_id  # noqa: B018 (worked out now, and kept by the manifest)
+    return manifest
+
+
+def _store_manifest(store: Store, manifest: Manifest) -> Manifest:
+    """Store the manifest unless the store has it already.
+
+    Not validated here (see _Scan.manifest): `put_manifest` decodes what it stores, which
+    validates every entry and the tree's shape (duplicates, case clashes), and a manifest
+    already in the store was validated when it was put. Validating here as well would double
+    the cost of a warm freeze.
+    """
     if not store.has(manifest.bundle_id):
         try:
             store.put_manifest(manifest)

@@ -125,31 +125,12 @@ def entry_for(root: Path, path: Path) -> tuple[str, Entry | None]:
 # ------------------------------------------------------------------------- patch
 
 
-async def patch(
-    ref: str | None,
-    files: list[Path],
-    *,
-    all_files: bool,
-    message: str = "",
-    signal: str = "",
-    restart: bool = False,
-    reason: str = "patch",
-    code: Path | None = None,
-) -> dict[str, Any]:
-    """Make the next revision of a job from local files and commit it on every node."""
+async def patch(ref: str | None, files: list[Path], **options: Any) -> dict[str, Any]:
+    """Make the next revision of a job from local files and commit it on every node;
+    `options` are patch_on's."""
     record = find_job(ref)
     async with open_fleet([Node.from_dict(n) for n in record.nodes]) as conns:
-        return await patch_on(
-            conns,
-            record,
-            files,
-            all_files=all_files,
-            message=message,
-            signal=signal,
-            restart=restart,
-            reason=reason,
-            code=code,
-        )
+        return await patch_on(conns, record, files, **options)
 
 
 async def patch_on(
@@ -443,6 +424,10 @@ async def rerun(ref: str, nodes: list[Node] | None, name: str = "") -> Any:
             raise JobNotFound(f"{record.id}@r{number}")
         manifest = await manifest_of(conn, chosen.bundle)
         await fetch_blobs(conn, manifest)
+        # Its inputs too: the artifact it started from (LAUNCH_INIT_FROM) and its --data.
+        facts = (await conn.client.call("facts", {"job": record.id}))["facts"]
+    init_from = [f["data"] for f in facts if f["kind"] == "init_from"]
+    data = [f["data"] for f in facts if f["kind"] == "data_request"]
     targets = nodes or old_nodes
     opts = SubmitOptions(
         argv=list(status["argv"]),
@@ -455,6 +440,9 @@ async def rerun(ref: str, nodes: list[Node] | None, name: str = "") -> Any:
         manifest=manifest,
         reason="rerun",
         env_from=record.id,
+        data=list(data[-1]["dirs"]) if data else [],
+        data_hash=bool(data[-1]["hash"]) if data else False,
+        init_from=init_from[-1] if init_from else {},
     )
     return await submit(opts)
 

@@ -174,9 +174,12 @@ async def job_facts(ref: str) -> dict[str, Any]:
     for answer in per_node:
         if isinstance(answer, LaunchError):
             continue
+        # The latest environment (one is recorded at every start) of the first node that
+        # answers; the data is fingerprinted once, at the first start.
+        starts = [f["data"] for f in answer["facts"] if f["kind"] == "environment"]
+        if starts and not environment:
+            environment = starts[-1]
         for fact in answer["facts"]:
-            if fact["kind"] == "environment" and not environment:
-                environment = fact["data"]
             if fact["kind"] == "data" and not data:
                 data = fact["data"]
     return {

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.encryption import get_default_encryption_algs
 
 from agent.protocol.errors import NodeUnreachable
 
@@ -27,6 +29,7 @@ KEEPALIVE_S = 30
 # `dial` runs through the user's shell on the node, whose rc files may be slow (pyenv, conda).
 DIAL_TIMEOUT_S = 90.0
 DIAL_OK = b"launch-agent dial: connected\n"
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class SshPool:
                 options["username"] = target.user
             if target.port:
                 options["port"] = target.port
+            ciphers = _cipher_preference(target.ssh_config)
+            if ciphers:
+                options["encryption_algs"] = ciphers
             try:
                 conn = await asyncssh.connect(target.host, **options)
             except (OSError, asyncssh.Error, TimeoutError) as exc:
@@ -196,6 +202,25 @@ def _no_agent(target: SshTarget, reason: str) -> str:
         f"no agent at {target.socket} ({reason}); start it there: "
         "launch-agent serve (or deploy/install.sh)"
     )
+
+
+def _cipher_preference(ssh_config: str | None) -> list[str] | None:
+    """AES-GCM first, unless an ssh_config chooses ciphers itself (or may, by Include).
+
+    asyncssh does ChaCha20-Poly1305 in Python packet by packet; AES-GCM is one OpenSSL call
+    a packet: about 2.5 times less CPU for the holder, which carries every node's upload.
+    Both are the ones OpenSSH prefers; only the order changes.
+    """
+    path = Path(os.path.expanduser(ssh_config or "~/.ssh/config"))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if re.search(r"(?im)^\s*(ciphers|include)\b", text):
+        return None
+    defaults = [a.decode() for a in get_default_encryption_algs()]
+    fast = [a for a in FAST_CIPHERS if a in defaults]
+    return fast + [a for a in defaults if a not in fast] if fast else None
 
 
 def default_ssh_config() -> str | None:

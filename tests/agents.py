@@ -109,10 +109,16 @@ def kill_jobs(state: Path) -> None:
             if abs(proc.create_time() - info["create_time"]) > 0.01:
                 continue
             tree = [proc, *proc.children(recursive=True)]
+            # SIGTERM first: a login shell killed outright in its profile can leave lock files
+            # behind (pyenv's rehash lock makes every later login shell wait 60 s).
             for p in tree:
                 with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()
+            _, alive = psutil.wait_procs(tree, timeout=3)
+            for p in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     p.kill()
-            psutil.wait_procs(tree, timeout=10)
+            psutil.wait_procs(alive, timeout=10)
 
 
 class AgentFactory:

@@ -436,8 +436,9 @@ async def test_logs_resume_at_offset_exactly_once_and_interleaved(agents):
     assert result["state"] == "running"
     assert first.endswith(b"err 49\n")
 
+    # A new connection, from the offset the first call returned, following to the end.
     job_paths(agent, job).outputs.joinpath("go").touch()
-    rest, result = await fetch_log(agent, job, len(first), follow=True)
+    rest, result = await fetch_log(agent, job, result["offset"], follow=True)
     assert result["state"] == "succeeded"
     expected = b"".join(b"out %d\nerr %d\n" % (i, i) for i in range(2000))
     assert first + rest == expected

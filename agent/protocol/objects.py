@@ -280,16 +280,25 @@ def _validate(entries: Sequence[Entry], checked: bool = False) -> None:
         folded[key] = entry.path
     if len(entries) > MAX_ENTRIES:
         raise InvalidManifest("too many entries", "")
+    # Each directory is looked at once, at its first entry: its ancestors were then too.
+    visited: set[str] = set()
     for entry in entries:
         for parent in _parents(entry.path):
+            if parent in visited:
+                break
+            visited.add(parent)
             if parent in seen:
                 raise InvalidManifest(
                     f"{parent} is both a file and the directory of {entry.path}", entry.path
                 )
     # A directory may not clash in case with another directory or file either.
     dirs: dict[str, str] = {}
+    visited.clear()
     for entry in entries:
         for parent in _parents(entry.path):
+            if parent in visited:
+                break
+            visited.add(parent)
             key = parent.casefold()
             other = dirs.setdefault(key, parent)
             if other != parent:
