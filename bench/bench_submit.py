@@ -105,9 +105,13 @@ class Bench:
     def __init__(self, tree: Path) -> None:
         self.project = WORK / "project"
         self.tree = self.project / "tree"
-        self.home = WORK / "home"  # LAUNCH_HOME: the user's own disk, as on a laptop
+        # LAUNCH_HOME (the launcher's store, stat caches, holder): the user's own disk, as
+        # on a laptop; LAUNCH_BENCH_HOME=DIR puts it in DIR/launch-bench-home (e.g. on tmpfs).
+        elsewhere = os.environ.get("LAUNCH_BENCH_HOME")
+        self.home = Path(elsewhere) / "launch-bench-home" if elsewhere else WORK / "home"
         shutil.rmtree(WORK, ignore_errors=True)
         shutil.rmtree(SHM, ignore_errors=True)
+        shutil.rmtree(self.home, ignore_errors=True)
         self.project.mkdir(parents=True)
         for i in range(NODES):
             self.rsync_dir(i).mkdir(parents=True)
@@ -256,6 +260,7 @@ class Bench:
         shutil.rmtree(self.short, ignore_errors=True)
         shutil.rmtree(SHM, ignore_errors=True)
         shutil.rmtree(WORK, ignore_errors=True)
+        shutil.rmtree(self.home, ignore_errors=True)
 
     # cases ----------------------------------------------------------------------------
 
@@ -476,6 +481,7 @@ def run(reps: int | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "reps": reps,
         "edited": str(bench.edit_file.relative_to(bench.tree)),
+        "launch_home": str(bench.home),
     }
     try:
         bench.start_sshd()

@@ -61,6 +61,14 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "logs": {"job": "j-1"},
     "cat": {"id": "abc123"},
     "revisions": {"job": "j-1"},
+    "patch_prepare": {"job": "j-1", "base": 0, "bundle": ID},
+    "patch_commit": {"job": "j-1", "revision": 1},
+    "patch_abort": {"job": "j-1", "revision": 1},
+    "get_blobs": {"blobs": [ID]},
+    "metrics": {"job": "j-1"},
+    "reserve": {"job": "j-1"},
+    "find_artifacts": {},
+    "facts": {"job": "j-1"},
 }
 
 
