@@ -9,9 +9,10 @@ import asyncio
 
 from agent import metrics, patches, provenance
 from agent.jobs import JobManager
+from agent.paths import JobPaths
 from agent.revlog import RevLog
 from agent.store import Store
-from agent.watcher import ARTIFACT, ENVIRONMENT, METRICS, DriftWatcher
+from agent.watcher import ARTIFACT, ENVIRONMENT, METRICS, WATCH, DriftWatcher
 
 
 def start_watching(jobs: JobManager, store: Store, revlog: RevLog) -> DriftWatcher:
@@ -24,6 +25,14 @@ def start_watching(jobs: JobManager, store: Store, revlog: RevLog) -> DriftWatch
         elif key.startswith(ARTIFACT):
             job_id, _, rel = key.removeprefix(ARTIFACT).partition(":")
             await asyncio.to_thread(provenance.record_artifact, jobs, revlog, job_id, rel)
+        elif key.startswith(WATCH):
+            job_id = key.removeprefix(WATCH)
+            if revlog.get(job_id).active:
+                # Watching a large tree adds one inotify watch per directory: done here, off
+                # the start request, which returns as soon as the job runs.
+                await asyncio.to_thread(watcher.watch_code, job_id, jobs.paths(job_id).code)
+                if jobs.adopted(job_id):  # edits made while no agent watched: look once
+                    await patches.check_drift(jobs, store, revlog, job_id)
         elif key.startswith(ENVIRONMENT):
             await _on_start(key.removeprefix(ENVIRONMENT))
         else:
@@ -48,9 +57,14 @@ def start_watching(jobs: JobManager, store: Store, revlog: RevLog) -> DriftWatch
         metrics.ingest(revlog, jobs.paths(job_id), job_id)
 
     watcher = DriftWatcher(on_key)
-    jobs.on_running = lambda job_id, paths: watcher.watch(
-        job_id, paths.code, paths.metrics_dir, paths.outputs
-    )
+
+    # A started or re-adopted job is watched, a started one has its environment recorded:
+    # both in the background.
+    def on_running(job_id: str, paths: JobPaths) -> None:
+        watcher.watch_outputs(job_id, paths.metrics_dir, paths.outputs)
+        watcher.poke(WATCH + job_id)
+
+    jobs.on_running = on_running
     jobs.on_started = lambda job_id: watcher.poke(ENVIRONMENT + job_id)
     jobs.on_ended = on_ended
     return watcher

@@ -100,6 +100,10 @@ class JobManager:
         self.on_ended: Callable[[str], None] = lambda job_id: None
         self.on_started: Callable[[str], None] = lambda job_id: None
 
+    def adopted(self, job_id: str) -> bool:
+        """Whether this agent re-adopted the job at start-up instead of starting it."""
+        return self.revlog.get(job_id).shim_pid not in self._children
+
     def lock(self, job_id: str) -> asyncio.Lock:
         """Held while a job's code directory changes (patch prepare and commit, drift check)."""
         return self._locks.setdefault(job_id, asyncio.Lock())

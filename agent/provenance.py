@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import socket
 import stat
 import subprocess
@@ -32,6 +33,7 @@ from agent.revlog import Job, RevLog
 from agent.store import DIR_FLAGS, open_dir, safe_component
 
 SIDECAR = ".launch.json"
+NICE = ["nice", "-n", "10"] if shutil.which("nice") else []
 HASH_CHUNK = 4 * 2**20
 PROBE = (
     "import json, sys, importlib.metadata as m; print(json.dumps({'version': sys.version, "
@@ -209,7 +211,17 @@ def _probe_python(
         }
     try:
         out = subprocess.run(
-            ["/bin/sh", "-c", '. "$0" && exec "$@"', str(paths.env_overlay), python, "-c", PROBE],
+            # At low priority: the record must never slow the jobs the node is starting.
+            [
+                *NICE,
+                "/bin/sh",
+                "-c",
+                '. "$0" && exec "$@"',
+                str(paths.env_overlay),
+                python,
+                "-c",
+                PROBE,
+            ],
             capture_output=True,
             text=True,
             timeout=120,

@@ -515,13 +515,20 @@ def _clone(src: int, dst: int) -> None:
     """Copy src into dst: a copy-on-write clone where the filesystem can (btrfs, XFS), else
     an in-kernel copy, else read and write. Only "not supported here" errors fall through to
     the next way; a full disk or an I/O error is raised."""
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError as exc:
-        if exc.errno not in _UNSUPPORTED:
-            raise
+    device = os.fstat(dst).st_dev
+    if device not in _NO_CLONE:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            _NO_CLONE.add(device)  # tmpfs, ext4: do not ask again for every file
     _copy(src, dst)
+
+
+# Filesystems (by device) where FICLONE is not supported.
+_NO_CLONE: set[int] = set()
 
 
 def _copy(src: int, dst: int) -> None:

@@ -41,6 +41,7 @@ log = logging.getLogger("launch-agent")
 METRICS = "metrics:"
 ARTIFACT = "artifact:"
 ENVIRONMENT = "environment:"
+WATCH = "watch:"
 CHANGES: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileDeletedEvent,
@@ -88,15 +89,27 @@ class DriftWatcher:
         self.observer = Observer()
         self.watches: dict[str, ObservedWatch] = {}
 
-    def watch(self, job_id: str, code: Path, metrics_dir: Path, outputs: Path) -> None:
-        """Watch a running job: its code directory (drift), its metrics directory, and its
-        outputs (artifacts)."""
-        self.unwatch(job_id)
-        for key, path, recursive, root in (
-            (job_id, code, True, None),
-            (METRICS + job_id, metrics_dir, False, None),
-            (ARTIFACT + job_id, outputs, True, outputs),
-        ):
+    def watch_outputs(self, job_id: str, metrics_dir: Path, outputs: Path) -> None:
+        """Watch a running job's metrics directory and outputs (artifacts): at once, as the
+        job starts, so nothing it writes is missed (both are small then)."""
+        self._schedule(
+            [
+                (METRICS + job_id, metrics_dir, False, None),
+                (ARTIFACT + job_id, outputs, True, outputs),
+            ]
+        )
+
+    def watch_code(self, job_id: str, code: Path) -> None:
+        """Watch a running job's code directory for drift (one inotify watch per directory:
+        the caller does this off the start request)."""
+        self._schedule([(job_id, code, True, None)])
+
+    def _schedule(self, specs: list[tuple[str, Path, bool, Path | None]]) -> None:
+        for key, path, recursive, root in specs:
+            old = self.watches.pop(key, None)
+            if old is not None:
+                with contextlib.suppress(KeyError, OSError):
+                    self.observer.unschedule(old)
             try:
                 self.watches[key] = self.observer.schedule(
                     _Handler(self, key, root),
