@@ -23,6 +23,11 @@ then REPS timed runs; before each run the file system is synced and the machine 
 until it is quiet. All 8 "nodes" share this machine's CPUs: the figures measure total work
 more than a real cluster's latency.
 
+Optional peer, on one node: `ray job submit --working-dir` to a local Ray head on loopback,
+Ray in its own virtual environment (BASE/ray-venv, installed once; skipped with a note if it
+does not install within 10 minutes, or with LAUNCH_BENCH_RAY=0). LAUNCH_BENCH_HOME=DIR puts
+the launcher's own files (LAUNCH_HOME) under DIR instead of the disk.
+
 Remote shells: Debian's bash reads root's ~/.bashrc for commands run by sshd, and here that
 runs `pyenv init` (about 100 ms a command). As in the team's baselines (setup-nodes.sh),
 sshd gives sessions SHLVL=1 so the rsync side gets a clean shell; launch runs no remote
