@@ -36,7 +36,7 @@ def start_watching(jobs: JobManager, store: Store, revlog: RevLog) -> DriftWatch
         elif key.startswith(ENVIRONMENT):
             await _on_start(key.removeprefix(ENVIRONMENT))
         else:
-            await patches.check_drift(jobs, store, revlog, key)
+            await patches.check_drift(jobs, store, revlog, key, watcher.take_changes(key))
 
     async def _on_start(job_id: str) -> None:
         await asyncio.to_thread(provenance.record_environment, jobs, revlog, job_id)

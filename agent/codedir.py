@@ -145,31 +145,68 @@ log = logging.getLogger("launch-agent")
 
 
 def scan(
-    code: Path, known: Callable[[str], bool] = lambda blob: False
+    code: Path,
+    known: Callable[[str], bool] = lambda blob: False,
+    head: Manifest | None = None,
+    changed: set[str] | None = None,
 ) -> tuple[Manifest, list[tuple[str, bytes]]]:
     """The tree now in `code` as a manifest, and the bytes of each blob `known` says the store
-    lacks. Used to freeze a hand edit (drift). Symlinks are not followed; an entry that breaks
-    the path grammar (a symlink leaving the tree) is left out and logged."""
-    entries: list[Entry] = []
+    lacks. Used to freeze a hand edit (drift). With `head` and `changed` (paths the watcher
+    saw change), only those paths, and what lies under them, are read again; the rest is
+    taken from `head`. Symlinks are not followed; an entry that breaks the path grammar (a
+    symlink leaving the tree) is left out and logged."""
     blobs: list[tuple[str, bytes]] = []
-    for dirpath, dirnames, filenames in os.walk(code):
-        for name in sorted(
-            filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        ):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, code).replace(os.sep, "/")
-            try:
-                st = os.lstat(full)
-                if stat.S_ISLNK(st.st_mode):
-                    entries.append(Entry.symlink(rel, os.readlink(full)).check())
-                elif stat.S_ISREG(st.st_mode):
-                    with open(full, "rb") as f:
-                        data = f.read()
-                    object_id = blob_id(data)
-                    kind: Kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
-                    entries.append(Entry(rel, kind, len(data), object_id).check())
-                    if not known(object_id):
-                        blobs.append((object_id, data))
-            except (OSError, InvalidManifest) as exc:
-                log.warning("drift scan of %s: left out %s: %s", code, rel, exc)
-    return Manifest.of(entries), blobs
+    if head is None or not changed or "." in changed:
+        found = _walk(code, "", known, blobs)
+        return Manifest.of(found.values()), blobs
+    entries = head.by_path()
+    for rel in sorted(changed):
+        for path in [p for p in entries if p == rel or p.startswith(rel + "/")]:
+            del entries[path]  # whatever is there now replaces what the head had
+        entries.update(_walk(code, rel, known, blobs))
+    return Manifest.of(entries.values()), blobs
+
+
+def _walk(
+    code: Path, rel: str, known: Callable[[str], bool], blobs: list[tuple[str, bytes]]
+) -> dict[str, Entry]:
+    """Entries for the file or tree at code/rel ("" for all of it)."""
+    top = os.path.join(code, rel) if rel else str(code)
+    if os.path.islink(top) or os.path.isfile(top):
+        items = [(os.path.dirname(top), os.path.basename(top))]
+    elif os.path.isdir(top):
+        items = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            items.extend((dirpath, name) for name in sorted(filenames + links))
+    else:
+        return {}  # gone
+    out: dict[str, Entry] = {}
+    for dirpath, name in items:
+        full = os.path.join(dirpath, name)
+        path = os.path.relpath(full, code).replace(os.sep, "/")
+        try:
+            entry = _entry(full, path, known, blobs)
+        except (OSError, InvalidManifest) as exc:
+            log.warning("drift scan of %s: left out %s: %s", code, path, exc)
+            continue
+        if entry is not None:
+            out[path] = entry
+    return out
+
+
+def _entry(
+    full: str, path: str, known: Callable[[str], bool], blobs: list[tuple[str, bytes]]
+) -> Entry | None:
+    st = os.lstat(full)
+    if stat.S_ISLNK(st.st_mode):
+        return Entry.symlink(path, os.readlink(full)).check()
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    with open(full, "rb") as f:
+        data = f.read()
+    object_id = blob_id(data)
+    kind: Kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
+    if not known(object_id):
+        blobs.append((object_id, data))
+    return Entry(path, kind, len(data), object_id).check()

@@ -140,21 +140,25 @@ def record(
     return revision
 
 
-async def check_drift(jobs: JobManager, store: Store, revlog: RevLog, job_id: str) -> None:
+async def check_drift(
+    jobs: JobManager, store: Store, revlog: RevLog, job_id: str, changed: set[str] | None = None
+) -> None:
     """If the live code directory no longer matches the head, freeze what is there into the
     store and record it as a revision with reason drift: the history never misses a change."""
     async with jobs.lock(job_id):
         job = revlog.get(job_id)
-        if not job.active or codedir.read_staged(jobs.paths(job_id)) is not None:
-            return  # a staged patch is about to change the tree; look again after it
+        if not job.active:
+            return
         paths = jobs.paths(job_id)
         head = revlog.head(job_id)
-        manifest, blobs = await asyncio.to_thread(codedir.scan, paths.code, store.has)
+        head_manifest = store.get_manifest(head.bundle)
+        manifest, blobs = await asyncio.to_thread(
+            codedir.scan, paths.code, store.has, head_manifest, changed
+        )
         if manifest.bundle_id == head.bundle:
             return
         await asyncio.to_thread(store.put_many, blobs)
         store.put_manifest(manifest)
-        changed = tuple(c.path for c in diff(store.get_manifest(head.bundle), manifest))
         record(
             jobs,
             revlog,
@@ -163,7 +167,7 @@ async def check_drift(jobs: JobManager, store: Store, revlog: RevLog, job_id: st
             manifest.bundle_id,
             "drift",
             f"unknown@{jobs.hostname}",
-            changed,
+            tuple(c.path for c in diff(head_manifest, manifest)),
             "changed on the node, not through launch",
         )
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -55,16 +56,27 @@ CHANGES: list[type[FileSystemEvent]] = [
 
 
 class _Handler(FileSystemEventHandler):
-    """Pokes `key`; for an outputs watch, the key names the file (`artifact:JOB:PATH`)."""
+    """Pokes `key`. A code directory's handler also notes which paths changed (the drift
+    check looks at those only); an outputs handler's key names the file
+    (`artifact:JOB:PATH`)."""
 
-    def __init__(self, watcher: DriftWatcher, key: str, root: Path | None = None) -> None:
+    def __init__(
+        self, watcher: DriftWatcher, key: str, root: Path | None = None, code: Path | None = None
+    ) -> None:
         self.watcher = watcher
         self.key = key
         self.root = root
+        self.code = code
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        if self.code is not None:
+            for path in (event.src_path, getattr(event, "dest_path", "")):
+                if path:
+                    rel = os.path.relpath(os.fsdecode(path), self.code)
+                    if not rel.startswith(".."):
+                        self.watcher.note_change(self.key, rel)
         if self.root is None:
             self.watcher.poke(self.key)
             return
@@ -88,6 +100,8 @@ class DriftWatcher:
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.observer = Observer()
         self.watches: dict[str, ObservedWatch] = {}
+        self.changed: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
 
     def watch_outputs(self, job_id: str, metrics_dir: Path, outputs: Path) -> None:
         """Watch a running job's metrics directory and outputs (artifacts): at once, as the
@@ -102,9 +116,21 @@ class DriftWatcher:
     def watch_code(self, job_id: str, code: Path) -> None:
         """Watch a running job's code directory for drift (one inotify watch per directory:
         the caller does this off the start request)."""
-        self._schedule([(job_id, code, True, None)])
+        self._schedule([(job_id, code, True, None)], code=code)
 
-    def _schedule(self, specs: list[tuple[str, Path, bool, Path | None]]) -> None:
+    def note_change(self, job_id: str, rel: str) -> None:
+        """From the observer's thread: `rel` changed in the job's code directory."""
+        with self._lock:
+            self.changed.setdefault(job_id, set()).add(rel)
+
+    def take_changes(self, job_id: str) -> set[str]:
+        """The paths changed since the last call ("." when unknown: look at everything)."""
+        with self._lock:
+            return self.changed.pop(job_id, set())
+
+    def _schedule(
+        self, specs: list[tuple[str, Path, bool, Path | None]], code: Path | None = None
+    ) -> None:
         for key, path, recursive, root in specs:
             old = self.watches.pop(key, None)
             if old is not None:
@@ -112,7 +138,7 @@ class DriftWatcher:
                     self.observer.unschedule(old)
             try:
                 self.watches[key] = self.observer.schedule(
-                    _Handler(self, key, root),
+                    _Handler(self, key, root, code),
                     str(path),
                     recursive=recursive,
                     event_filter=CHANGES,

@@ -378,10 +378,7 @@ def status(job: str, as_json: bool) -> None:
     from launcher import ops, render
 
     st = run(ops.status(job))
-    if as_json:
-        render.print_json(st)
-    else:
-        render.status_table(st)
+    render.show(st, as_json, render.status_table)
 
 
 @main.command(name="ls")
@@ -392,10 +389,7 @@ def ls_cmd(as_json: bool, limit: int) -> None:
     from launcher import ops, render
 
     rows = run(ops.ls(limit))
-    if as_json:
-        render.print_json(rows)
-    else:
-        render.ls_table(rows)
+    render.show(rows, as_json, render.ls_table)
 
 
 @main.command()
@@ -441,10 +435,7 @@ def nodes(
             start=Path("."),
         )
     rows = run(ops.node_infos(targets)) if targets else []
-    if as_json:
-        render.print_json(rows)
-    else:
-        render.nodes_table(rows)
+    render.show(rows, as_json, render.nodes_table)
 
 
 # ----------------------------------------------------------------------------- revisions
@@ -551,10 +542,7 @@ def revisions(job: str, as_json: bool) -> None:
     from launcher import history, render
 
     rows = run(history.revisions(job))
-    if as_json:
-        render.print_json(rows)
-    else:
-        render.revisions_table(rows)
+    render.show(rows, as_json, render.revisions_table)
 
 
 @main.command()
@@ -640,10 +628,7 @@ def metrics(job: str, rank: int, buckets: int, as_json: bool) -> None:
     from launcher import history, render
 
     result = run(history.metrics(job, rank, buckets))
-    if as_json:
-        render.print_json(result)
-    else:
-        render.metrics_table(result)
+    render.show(result, as_json, render.metrics_table)
 
 
 @main.command()
@@ -666,10 +651,7 @@ def provenance_cmd(target: str, as_json: bool) -> None:
     from launcher import provenance, render
 
     result = run(provenance.provenance(target))
-    if as_json:
-        render.print_json(result)
-    else:
-        render.provenance_text(result)
+    render.show(result, as_json, render.provenance_text)
 
 
 @main.command()
@@ -680,10 +662,7 @@ def lineage(job: str, as_json: bool) -> None:
     from launcher import provenance, render
 
     result = run(provenance.lineage(job))
-    if as_json:
-        render.print_json(result)
-    else:
-        render.lineage_text(result)
+    render.show(result, as_json, render.lineage_text)
 
 
 # ---------------------------------------------------------------------------- local agents

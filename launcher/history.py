@@ -463,7 +463,7 @@ async def metrics(ref: str, rank: int = 0, buckets: int = 0) -> dict[str, Any]:
 # -------------------------------------------------------------------------- watch
 
 
-async def watch(ref: str | None, paths: list[Path], out: Any, debounce_s: float = 0.3) -> None:
+async def watch(ref: str | None, paths: list[Path], out: Any, debounce_s: float = 0.1) -> None:
     """Patch the job each time the local tree changes, until interrupted; one line per
     revision. Connections stay open, so each patch costs one round trip per node."""
     from watchdog.events import FileSystemEvent, FileSystemEventHandler

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +18,14 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def show(value: Any, as_json: bool, as_text: Callable[[Any], None]) -> None:
+    """Every view command: JSON on request, else its text rendering."""
+    if as_json:
+        print_json(value)
+    else:
+        as_text(value)
 
 
 def human_bytes(n: float) -> str:
