@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agents import AgentFactory, AgentProc  # noqa: E402
+from agents import AgentFactory, AgentProc
 
-from agent.protocol.objects import Entry, Manifest, blob_id  # noqa: E402
+from agent.protocol.objects import Entry, Manifest, blob_id
 
 
 @pytest.fixture
@@ -33,7 +33,12 @@ def agent(agents: AgentFactory) -> AgentProc:
 
 def submit(agent: AgentProc, job: str, files: dict[str, bytes], argv: list[str],
            **prepare: Any) -> dict[str, Any]:
-    """Upload `files` as a bundle, prepare and start `argv` on one agent; the start result."""
+    """Upload `files` as a bundle, prepare and start `argv` on one agent; the start result.
+
+    Jobs start without a login shell unless a test asks (`login=True`): on these machines
+    root's profile runs `pyenv init`, whose rehash lock stalls login shells started together
+    (and a shell killed inside its profile leaves the lock behind for 60 s)."""
+    prepare.setdefault("login", False)
     entries = [Entry(path, "file", len(data), blob_id(data)) for path, data in files.items()]
     manifest = Manifest.of(entries)
     agent.call("put_manifest", {"manifest": manifest.encode()})
