@@ -100,6 +100,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+# Columns added after the first schema, for databases made before them.
+ADDED_COLUMNS = [
+    ("jobs", "login", "INTEGER NOT NULL DEFAULT 1"),
+    ("jobs", "metrics_offset", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "gpus", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "start_revision", "INTEGER NOT NULL DEFAULT 0"),
+]
+
 # Which states may follow which: a job is prepared, runs, then ends one way or another.
 ACTIVE = ("prepared", "running")
 FINAL = ("succeeded", "failed", "cancelled", "lost", "aborted")
@@ -155,6 +163,15 @@ class RevLog:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """An agent upgraded in place keeps its records: columns added since the first
+        release are added to an older database (CREATE TABLE IF NOT EXISTS leaves it as is)."""
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self.db.close()
