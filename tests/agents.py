@@ -29,8 +29,15 @@ REPO = Path(__file__).resolve().parent.parent
 class AgentProc:
     """One agent process. `start()` returns once it said READY=1; `kill9()`, `stop()`."""
 
-    def __init__(self, state: Path, sock: Path, *, user_mode: bool = True,
-                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        state: Path,
+        sock: Path,
+        *,
+        user_mode: bool = True,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
         self.state = state
         self.extra_args = list(args or [])  # more `serve` options, e.g. ["--gpus", "4"]
         self.sock = sock
@@ -50,8 +57,16 @@ class AgentProc:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         listener.bind(str(notify_path))
         listener.settimeout(timeout)
-        args = [sys.executable, "-m", "agent", "serve", "--socket", str(self.sock),
-                "--state", str(self.state)]
+        args = [
+            sys.executable,
+            "-m",
+            "agent",
+            "serve",
+            "--socket",
+            str(self.sock),
+            "--state",
+            str(self.state),
+        ]
         if self.user_mode:
             args.append("--user")
         args.extend(self.extra_args)
@@ -59,8 +74,9 @@ class AgentProc:
         self.stderr_path = self.state.parent / f"{self.state.name}.agent.log"
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=err, cwd=REPO)
+            self.proc = subprocess.Popen(
+                args, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=REPO
+            )
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agents import AgentFactory, AgentProc
+from launcher_env import LaunchHome
 
 from agent.protocol.objects import Entry, Manifest, blob_id
 
@@ -31,8 +32,9 @@ def agent(agents: AgentFactory) -> AgentProc:
     return agents("node0")
 
 
-def submit(agent: AgentProc, job: str, files: dict[str, bytes], argv: list[str],
-           **prepare: Any) -> dict[str, Any]:
+def submit(
+    agent: AgentProc, job: str, files: dict[str, bytes], argv: list[str], **prepare: Any
+) -> dict[str, Any]:
     """Upload `files` as a bundle, prepare and start `argv` on one agent; the start result.
 
     Jobs start without a login shell unless a test asks (`login=True`): on these machines
@@ -45,3 +47,15 @@ def submit(agent: AgentProc, job: str, files: dict[str, bytes], argv: list[str],
     agent.call("put_blobs", {"blobs": [[blob_id(d), d] for d in files.values()]})
     agent.call("prepare", {"job": job, "bundle": manifest.bundle_id, "argv": argv, **prepare})
     return agent.call("start", {"job": job})  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def lh() -> Iterator[LaunchHome]:
+    """One LAUNCH_HOME with two local agents for a test module; all stopped by pid after."""
+    home = LaunchHome()
+    try:
+        up = home.run("local", "up", "2")
+        assert up.code == 0, up.describe()
+        yield home
+    finally:
+        home.close()

@@ -84,13 +84,15 @@ class SshServer:
     def start(self) -> None:
         d = self.dir
         for key in ("host_ed25519", "client_ed25519"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f",
-                            str(d / key)], check=True)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(d / key)],
+                check=True,
+            )
         (d / "authorized_keys").write_text((d / "client_ed25519.pub").read_text())
         host_pub = (d / "host_ed25519.pub").read_text().split()[:2]
-        self.known_hosts.write_text("".join(
-            f"[{a}]:{self.port} {host_pub[0]} {host_pub[1]}\n" for a in self.addresses
-        ))
+        self.known_hosts.write_text(
+            "".join(f"[{a}]:{self.port} {host_pub[0]} {host_pub[1]}\n" for a in self.addresses)
+        )
         listen = "".join(f"ListenAddress {a}\n" for a in self.addresses)
         forwarding = "yes" if self.allow_forwarding else "no"
         (d / "sshd_config").write_text(
@@ -110,12 +112,17 @@ class SshServer:
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                (self.addresses[-1], self.port), timeout=1
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.addresses[-1], self.port), timeout=1),
             ):
                 return
             if self.proc.poll() is not None:

@@ -23,25 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launcher_env import PYTHON, LaunchHome, wait_until, write_tree
+from launcher_env import (
+    PYTHON,
+    LaunchHome,
+    wait_until,
+    write_tree,
+)
 
 HOST = socket.gethostname()
 ME = f"{getpass.getuser()}@{HOST}"  # who `launch patch` says made a revision
 DRIFT_DEADLINE_S = 2.0
 
 SLEEPER = "import time\ntime.sleep(60)\n"
-
-
-@pytest.fixture(scope="module")
-def lh() -> Iterator[LaunchHome]:
-    """One LAUNCH_HOME with two local agents for the module; all stopped by pid after."""
-    home = LaunchHome()
-    try:
-        up = home.run("local", "up", "2")
-        assert up.code == 0, up.describe()
-        yield home
-    finally:
-        home.close()
 
 
 @pytest.fixture

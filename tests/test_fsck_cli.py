@@ -13,8 +13,12 @@ from agent.store import Store
 
 
 def fsck(state: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", "fsck", "--state", str(state)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "fsck", "--state", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_fsck_names_a_corrupted_object_and_fails(tmp_path: Path) -> None:

@@ -17,22 +17,16 @@ from typing import Any
 
 import psutil
 import pytest
-from launcher_env import PYTHON, LaunchHome, process_gone, wait_until, write_tree
+from launcher_env import (
+    PYTHON,
+    LaunchHome,
+    process_gone,
+    wait_until,
+    write_tree,
+)
 
 JOB_RE = re.compile(r"^j-[0-9a-z]+-[0-9a-z]{4}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@pytest.fixture(scope="module")
-def lh() -> Iterator[LaunchHome]:
-    """One LAUNCH_HOME with two local agents for the module; all stopped by pid after."""
-    home = LaunchHome()
-    try:
-        up = home.run("local", "up", "2")
-        assert up.code == 0, up.describe()
-        yield home
-    finally:
-        home.close()
 
 
 def submit(src: Path, *command: str, extra: tuple[str, ...] = ()) -> list[str]:

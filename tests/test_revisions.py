@@ -27,7 +27,13 @@ from typing import Any
 
 import psutil
 import pytest
-from launcher_env import PYTHON, LaunchHome, Result, wait_until, write_tree
+from launcher_env import (
+    PYTHON,
+    LaunchHome,
+    Result,
+    wait_until,
+    write_tree,
+)
 
 from agent.protocol.errors import StaleRevision
 from agent.protocol.objects import Entry, Manifest, Revision, apply_changes, blob_id
@@ -65,18 +71,6 @@ FAILS_FIRST = START.replace(
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def lh() -> Iterator[LaunchHome]:
-    """One LAUNCH_HOME with two local agents for the module; all stopped by pid after."""
-    home = LaunchHome()
-    try:
-        up = home.run("local", "up", "2")
-        assert up.code == 0, up.describe()
-        yield home
-    finally:
-        home.close()
 
 
 @pytest.fixture
