@@ -345,8 +345,9 @@ def submit(
         if detach and not as_json:
             click.echo(submitted.job)
         return
-    code = run(ops.follow_submitted(submitted, sys.stdout, sys.stdout.isatty()))
-    sys.exit(code)
+    from launcher import logs as logs_mod
+
+    sys.exit(run(logs_mod.follow_submitted(submitted, sys.stdout, sys.stdout.isatty())))
 
 
 async def _parent_artifact(spec: str) -> dict[str, Any]:
@@ -365,9 +366,9 @@ async def _parent_artifact(spec: str) -> dict[str, Any]:
 @click.option("--node", "rank", type=int, help="Only this node rank.")
 def logs(job: str, follow: bool, rank: int | None) -> None:
     """Show the logs of all nodes of JOB, merged, each line prefixed with its rank."""
-    from launcher import ops
+    from launcher import logs as logs_mod
 
-    run(ops.logs(job, follow=follow, rank=rank, out=sys.stdout, colour=sys.stdout.isatty()))
+    run(logs_mod.logs(job, follow=follow, rank=rank, out=sys.stdout, colour=sys.stdout.isatty()))
 
 
 @main.command()
@@ -592,7 +593,8 @@ def rerun(
 ) -> None:
     """Submit a new job with exactly the code, command and environment of REF (JOB or
     JOB@rN); by default on REF's nodes."""
-    from launcher import history, ops, render
+    from launcher import history, render
+    from launcher import logs as logs_mod
     from launcher import nodes as nodes_mod
 
     targets = None
@@ -610,7 +612,7 @@ def rerun(
     if detach:
         click.echo(submitted.job)
         return
-    sys.exit(run(ops.follow_submitted(submitted, sys.stdout, sys.stdout.isatty())))
+    sys.exit(run(logs_mod.follow_submitted(submitted, sys.stdout, sys.stdout.isatty())))
 
 
 @main.command()
