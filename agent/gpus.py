@@ -62,7 +62,7 @@ class GpuLedger:
         self.gpus = gpus
         self.ttl_s = ttl_s
 
-    def reserve(self, job: str, count: int) -> list[int]:
+    def reserve(self, job: str, count: int, owner: int | None = None) -> list[int]:
         """Hold `count` free GPUs for `job` (-1: every GPU of the node), or Busy naming who
         holds them. Holds of prepared jobs whose reservation expired are taken back first."""
         want = len(self.gpus) if count < 0 else count
@@ -73,7 +73,7 @@ class GpuLedger:
             )
         now = time.time_ns()
         got = self.revlog.reserve_gpus(
-            job, [g.index for g in self.gpus], want, now, now + int(self.ttl_s * 1e9)
+            job, [g.index for g in self.gpus], want, now, now + int(self.ttl_s * 1e9), owner
         )
         if got is None:
             holders = self.holders()
@@ -93,8 +93,8 @@ class GpuLedger:
         """At start: the job's GPUs are its own until it ends."""
         return self.revlog.confirm_gpus(job)
 
-    def release(self, job: str) -> None:
-        self.revlog.release_gpus(job)
+    def release(self, job: str, owner: int | None = None) -> None:
+        self.revlog.release_gpus(job, owner)
 
     def of(self, job: str) -> list[int]:
         return sorted(i for i, h in self.holders().items() if h["job"] == job)

@@ -129,13 +129,14 @@ async def abort(agent: Agent, caller: Caller, p: m.Abort, notify: Notify) -> Any
     try:
         return agent.jobs.abort(p.job, caller.uid)
     except JobNotFound:
-        # Prepare never got as far as the job: give back what `reserve` held for it.
-        agent.jobs.gpus.release(check_job_id(p.job))
+        # Prepare never got as far as the job: give back what `reserve` held for it (only
+        # the caller's own reservation; root may give back any).
+        agent.jobs.gpus.release(check_job_id(p.job), None if caller.uid == 0 else caller.uid)
         return {}
 
 
 async def reserve(agent: Agent, caller: Caller, p: m.Reserve, notify: Notify) -> Any:
-    return {"gpus": agent.jobs.gpus.reserve(check_job_id(p.job), p.gpus)}
+    return {"gpus": agent.jobs.gpus.reserve(check_job_id(p.job), p.gpus, caller.uid)}
 
 
 async def cancel(agent: Agent, caller: Caller, p: m.Cancel, notify: Notify) -> Any:

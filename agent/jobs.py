@@ -151,7 +151,7 @@ class JobManager:
             raise JobStateError(f"job {p.job} is being prepared by another call", p.job)
         self._preparing.add(p.job)
         try:
-            gpus = self.gpus.reserve(p.job, p.gpus)  # Busy, before anything is built
+            gpus = self.gpus.reserve(p.job, p.gpus, uid)  # Busy, before anything is built
         except BaseException:
             self._preparing.discard(p.job)  # else a retried prepare of this job is refused
             raise

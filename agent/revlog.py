@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS gpu_holds (
     gpu INTEGER PRIMARY KEY,
     job TEXT NOT NULL,  -- reserved before the job's row exists (prepare fails fast)
-    expires_ns INTEGER
+    expires_ns INTEGER,
+    owner INTEGER  -- who reserved it (the job row's owner, once there is one)
 );
 CREATE TABLE IF NOT EXISTS artifacts (
     job TEXT NOT NULL,
@@ -106,6 +107,7 @@ ADDED_COLUMNS = [
     ("jobs", "metrics_offset", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "gpus", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "start_revision", "INTEGER NOT NULL DEFAULT 0"),
+    ("gpu_holds", "owner", "INTEGER"),
 ]
 
 # Which states may follow which: a job is prepared, runs, then ends one way or another.
@@ -354,7 +356,13 @@ class RevLog:
     # --------------------------------------------------------------------------- GPUs
 
     def reserve_gpus(
-        self, job_id: str, gpus: list[int], count: int, now_ns: int, expires_ns: int
+        self,
+        job_id: str,
+        gpus: list[int],
+        count: int,
+        now_ns: int,
+        expires_ns: int,
+        owner: int | None = None,
     ) -> list[int] | None:
         """In one transaction: take back expired holds of jobs never started (they become
         aborted), then hold `count` free GPUs for job_id (or None if too few are free).
@@ -375,7 +383,9 @@ class RevLog:
             mine = [
                 r[0]
                 for r in self.db.execute(
-                    "SELECT gpu FROM gpu_holds WHERE job=? ORDER BY gpu", (job_id,)
+                    "SELECT gpu FROM gpu_holds WHERE job=? AND (owner IS NULL OR ? IS NULL "
+                    "OR owner=?) ORDER BY gpu",
+                    (job_id, owner, owner),
                 )
             ]
             if mine:
@@ -386,8 +396,8 @@ class RevLog:
                 return None
             chosen = free[:count]
             self.db.executemany(
-                "INSERT INTO gpu_holds (gpu, job, expires_ns) VALUES (?, ?, ?)",
-                [(g, job_id, expires_ns) for g in chosen],
+                "INSERT INTO gpu_holds (gpu, job, expires_ns, owner) VALUES (?, ?, ?, ?)",
+                [(g, job_id, expires_ns, owner) for g in chosen],
             )
             return chosen
 
@@ -401,17 +411,22 @@ class RevLog:
                 )
             ]
 
-    def release_gpus(self, job_id: str) -> None:
+    def release_gpus(self, job_id: str, owner: int | None = None) -> None:
+        """Give back a job's GPUs; with `owner`, only holds that user made."""
         with self._transaction():
-            self.db.execute("DELETE FROM gpu_holds WHERE job=?", (job_id,))
+            if owner is None:
+                self.db.execute("DELETE FROM gpu_holds WHERE job=?", (job_id,))
+            else:
+                self.db.execute("DELETE FROM gpu_holds WHERE job=? AND owner=?", (job_id, owner))
 
     def gpu_holders(self, now_ns: int) -> dict[int, dict[str, Any]]:
         """Live holds (not expired): gpu -> {job, owner, owner_name}. A hold made by `reserve`
-        before its job is recorded counts too (owner None, owner_name "?")."""
+        before its job is recorded counts too, under the user who reserved it."""
         import pwd
 
         rows = self.db.execute(
-            "SELECT h.gpu, h.job, j.owner FROM gpu_holds h LEFT JOIN jobs j ON j.id = h.job "
+            "SELECT h.gpu, h.job, COALESCE(j.owner, h.owner) FROM gpu_holds h "
+            "LEFT JOIN jobs j ON j.id = h.job "
             "WHERE h.expires_ns IS NULL OR h.expires_ns >= ?",
             (now_ns,),
         )
