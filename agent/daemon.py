@@ -276,30 +276,40 @@ def status(user: bool, sock: Path | None, as_json: bool) -> None:
         )
 
 
+def exchange(
+    conn: socket.socket, rpc: Any, method: str, params: Any, on_notification: Any = None
+) -> Any:
+    """Send one request on a blocking socket and return its Response event (error or not);
+    notifications that arrive meanwhile go to `on_notification`."""
+    from agent.protocol.rpc import CLOSED, NEED_DATA, Notification, Response
+
+    rid, data = rpc.send_request(method, params)
+    conn.sendall(data)
+    while True:
+        event = rpc.next_event()
+        if event is NEED_DATA:
+            rpc.receive_data(conn.recv(256 * 1024))
+        elif event is CLOSED:
+            raise ConnectionError(f"agent closed the connection during {method}")
+        elif isinstance(event, Notification) and on_notification is not None:
+            on_notification(event)
+        elif isinstance(event, Response) and event.id == rid:
+            return event
+
+
 def call_once(path: Path, method: str, params: dict[str, Any]) -> Any:
     """One blocking request after hello; enough for this command, which needs no asyncio."""
-    from agent.protocol.rpc import CLOSED, NEED_DATA, Connection, Response, Role
+    from agent.protocol.rpc import Connection, Role
 
     rpc = Connection(Role.CLIENT)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(30)
         conn.connect(str(path))
         for name, args in (("hello", rpc.hello_params("launch-agent")), (method, params)):
-            rid, data = rpc.send_request(name, args)
-            conn.sendall(data)
-            while True:
-                event = rpc.next_event()
-                if event is NEED_DATA:
-                    rpc.receive_data(conn.recv(256 * 1024))
-                    continue
-                if event is CLOSED:
-                    raise ConnectionError("agent closed the connection")
-                if isinstance(event, Response) and event.id == rid:
-                    if event.error:
-                        raise event.error
-                    result = event.result
-                    break
-    return result
+            response = exchange(conn, rpc, name, args)
+            if response.error:
+                raise response.error
+    return response.result
 
 
 @main.command()

@@ -40,17 +40,7 @@ class PatchBench(Bench):
     job = ""
 
     def submit_sleeper(self) -> None:
-        done = self.launch(
-            "submit",
-            "--detach",
-            "--no-login-shell",
-            "--dir",
-            str(self.tree),
-            "--",
-            "/bin/sh",
-            "-c",
-            "sleep 3600",
-        )
+        done = self.launch(*self.submit_args("sleep 3600"))
         if done.returncode != 0:
             raise RuntimeError(f"submit failed: {done.stderr}")
         self.job = done.stdout.strip().splitlines()[-1]

@@ -292,10 +292,9 @@ class Bench:
         path.mkdir(parents=True)
         return path
 
-    def run_launch(self, nodes: int = NODES) -> dict[str, Any]:
-        marks = self.markers()
-        argv = [
-            LAUNCH,
+    def submit_args(self, command: str, nodes: int = NODES) -> list[str]:
+        """`launch submit` of the tree, detached, running `command` through /bin/sh."""
+        return [
             "submit",
             "--detach",
             "--no-login-shell",
@@ -305,8 +304,12 @@ class Bench:
             "--",
             "/bin/sh",
             "-c",
-            f"touch {marks}/$LAUNCH_NODE_RANK",
+            command,
         ]
+
+    def run_launch(self, nodes: int = NODES) -> dict[str, Any]:
+        marks = self.markers()
+        argv = [LAUNCH, *self.submit_args(f"touch {marks}/$LAUNCH_NODE_RANK", nodes)]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             c0, t0 = machine_cpu(), time.perf_counter()
             proc = subprocess.Popen(

@@ -190,3 +190,27 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.1) -> 
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def status(lh: LaunchHome, job: str) -> dict[str, Any]:
+    """`launch status JOB --json`."""
+    answer: dict[str, Any] = lh.run("status", job, "--json").json()
+    return answer
+
+
+def revisions(lh: LaunchHome, job: str) -> list[dict[str, Any]]:
+    """`launch revisions JOB --json`."""
+    rows: list[dict[str, Any]] = lh.run("revisions", job, "--json").json()
+    return rows
+
+
+def wait_state(lh: LaunchHome, job: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
+    """Poll `launch status` until every node of JOB is in one of `states`; the last status."""
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        seen.update(status(lh, job))
+        return all(n["state"] in states for n in seen["nodes"])
+
+    assert wait_until(reached, timeout), seen
+    return seen

@@ -40,7 +40,7 @@ from conftest import submit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.daemon import call_once
+from agent.daemon import call_once, exchange
 from agent.protocol import messages
 from agent.protocol.errors import (
     InternalError,
@@ -57,7 +57,6 @@ from agent.protocol.rpc import (
     DEFAULT_MAX_FRAME,
     NEED_DATA,
     Connection,
-    Notification,
     Response,
     Role,
 )
@@ -200,24 +199,18 @@ def session(sock: Path, calls: list[tuple[str, Any]]) -> dict[str, Any]:
         conn.settimeout(30)
         conn.connect(str(sock))
         for method, params in calls:
-            rid, data = rpc.send_request(method, params)
-            conn.sendall(data)
-            while True:
-                event = rpc.next_event()
-                if event is NEED_DATA:
-                    rpc.receive_data(conn.recv(256 * 1024))
-                    continue
-                if event is CLOSED:
-                    raise ConnectionError(f"agent closed the connection during {method}")
-                if isinstance(event, Notification) and event.method == "log":
-                    logs.append(event.params)
-                elif isinstance(event, Response) and event.id == rid:
-                    if event.error is not None:
-                        err = event.error
-                        outcomes.append(["err", err.code, type(err).__name__, err.message])
-                    else:
-                        outcomes.append(["ok", event.result])
-                    break
+            event = exchange(
+                conn,
+                rpc,
+                method,
+                params,
+                lambda n: logs.append(n.params) if n.method == "log" else None,
+            )
+            if event.error is not None:
+                err = event.error
+                outcomes.append(["err", err.code, type(err).__name__, err.message])
+            else:
+                outcomes.append(["ok", event.result])
     return {"outcomes": outcomes, "logs": logs}
 
 

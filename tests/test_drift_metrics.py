@@ -26,6 +26,9 @@ import pytest
 from launcher_env import (
     PYTHON,
     LaunchHome,
+    revisions,
+    status,
+    wait_state,
     wait_until,
     write_tree,
 )
@@ -75,30 +78,9 @@ def node_dir(lh: LaunchHome, job: str, rank: int = 0) -> Path:
     return lh.path / "state" / "local" / f"node{rank}" / "jobs" / job
 
 
-def status(lh: LaunchHome, job: str) -> dict[str, Any]:
-    answer: dict[str, Any] = lh.run("status", job, "--json").json()
-    return answer
-
-
-def revisions(lh: LaunchHome, job: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = lh.run("revisions", job, "--json").json()
-    return rows
-
-
 def metrics(lh: LaunchHome, job: str, *extra: str) -> dict[str, Any]:
     answer: dict[str, Any] = lh.run("metrics", job, "--json", *extra).json()
     return answer
-
-
-def wait_state(lh: LaunchHome, job: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    def reached() -> bool:
-        seen.update(status(lh, job))
-        return all(n["state"] in states for n in seen["nodes"])
-
-    assert wait_until(reached, timeout), seen
-    return seen
 
 
 def hand_edit(path: Path, text: str | None) -> tuple[float, int]:

@@ -13,7 +13,6 @@ import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -21,6 +20,8 @@ from launcher_env import (
     PYTHON,
     LaunchHome,
     process_gone,
+    status,
+    wait_state,
     wait_until,
     write_tree,
 )
@@ -32,22 +33,6 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 def submit(src: Path, *command: str, extra: tuple[str, ...] = ()) -> list[str]:
     """`launch submit` on the two local agents, from the tree `src`."""
     return ["submit", "--nodes", "2", "--no-login-shell", "--dir", str(src), *extra, "--", *command]
-
-
-def status(lh: LaunchHome, job: str) -> dict[str, Any]:
-    answer: dict[str, Any] = lh.run("status", job, "--json").json()
-    return answer
-
-
-def wait_state(lh: LaunchHome, job: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    def ended() -> bool:
-        seen.update(status(lh, job))
-        return all(n["state"] in states for n in seen["nodes"])
-
-    assert wait_until(ended, timeout), seen
-    return seen
 
 
 # ------------------------------------------------------------------------ submit, follow

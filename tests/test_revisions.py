@@ -31,6 +31,9 @@ from launcher_env import (
     PYTHON,
     LaunchHome,
     Result,
+    revisions,
+    status,
+    wait_state,
     wait_until,
     write_tree,
 )
@@ -139,25 +142,6 @@ def tree(root: Path) -> dict[str, tuple[str, bytes]]:
                 kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
                 out[rel] = (kind, full.read_bytes())
     return out
-
-
-def status(lh: LaunchHome, job: str) -> dict[str, Any]:
-    return lh.run("status", job, "--json").json()  # type: ignore[no-any-return]
-
-
-def revisions(lh: LaunchHome, job: str) -> list[dict[str, Any]]:
-    return lh.run("revisions", job, "--json").json()  # type: ignore[no-any-return]
-
-
-def wait_state(lh: LaunchHome, job: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    def reached() -> bool:
-        seen.update(status(lh, job))
-        return all(n["state"] in states for n in seen["nodes"])
-
-    assert wait_until(reached, timeout), seen
-    return seen
 
 
 def assert_agree(lh: LaunchHome, job: str, head: int) -> dict[str, Any]:
