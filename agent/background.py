@@ -1,7 +1,8 @@
 """The work the agent does on its own, off the request path: drift checks of code
-directories, metrics ingestion, artifact records, and the environment and data records made
-when a job starts. The watcher (agent/watcher.py) debounces and runs it; this module says what
-each kind of key means."""
+directories, metrics ingestion, artifact records, the environment and data records made
+when a job starts, and the spare tree of a started job's bundle (agent/spares.py). The
+watcher (agent/watcher.py) debounces and runs it; this module says what each kind of key
+means."""
 
 from __future__ import annotations
 
@@ -11,15 +12,23 @@ from agent import metrics, patches, provenance
 from agent.jobs import JobManager
 from agent.paths import JobPaths
 from agent.revlog import RevLog
+from agent.spares import Spares
 from agent.store import Store
-from agent.watcher import ARTIFACT, ENVIRONMENT, METRICS, WATCH, DriftWatcher
+from agent.watcher import ARTIFACT, ENVIRONMENT, METRICS, SPARE, WATCH, DriftWatcher
 
 
-def start_watching(jobs: JobManager, store: Store, revlog: RevLog) -> DriftWatcher:
+def start_watching(
+    jobs: JobManager, store: Store, revlog: RevLog, spares: Spares | None = None
+) -> DriftWatcher:
     """A watcher wired to the job manager's lifecycle; the caller runs `watcher.run()`."""
 
     async def on_key(key: str) -> None:
-        if key.startswith(METRICS):
+        if key.startswith(SPARE):
+            if spares is not None:
+                owner, _, bundle = key.removeprefix(SPARE).partition(":")
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(spares.builder, spares.make, int(owner), bundle)
+        elif key.startswith(METRICS):
             job_id = key.removeprefix(METRICS)
             metrics.ingest(revlog, jobs.paths(job_id), job_id)
         elif key.startswith(ARTIFACT):
@@ -65,6 +74,12 @@ def start_watching(jobs: JobManager, store: Store, revlog: RevLog) -> DriftWatch
         watcher.poke(WATCH + job_id)
 
     jobs.on_running = on_running
-    jobs.on_started = lambda job_id: watcher.poke(ENVIRONMENT + job_id)
+
+    def on_started(job_id: str) -> None:
+        watcher.poke(ENVIRONMENT + job_id)
+        # A spare of its tree, for its owner's next job.
+        watcher.poke(f"{SPARE}{revlog.get(job_id).owner}:{revlog.head(job_id).bundle}")
+
+    jobs.on_started = on_started
     jobs.on_ended = on_ended
     return watcher

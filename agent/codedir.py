@@ -3,10 +3,11 @@
 `stage`: the files a patch adds or replaces are materialised from the store into staged/,
 beside code/ on the same filesystem; staged.json, published last, is the prepare's commit
 point, so a staged patch survives an agent restart and `launch repair` can finish it.
-`swap`: each staged file is renamed over its path in code/ and each deleted path unlinked.
+`swap`: each deleted path is unlinked from code/ and each staged file renamed over its path.
 A rename is atomic per file: whatever the job opens after the swap is the new code, and no
 reader ever sees a half-written file. Every directory is walked by descriptor without
 following symlinks, as in the store, so a swap never writes outside code/.
+`update` does the same to a spare tree (agent/spares.py) to make a new job's code directory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from agent.paths import JobPaths, publish_json, read_json
 from agent.protocol.errors import InvalidManifest
-from agent.protocol.objects import Entry, Kind, Manifest, blob_id
+from agent.protocol.objects import Change, Entry, Kind, Manifest, blob_id
 from agent.store import DIR_FLAGS, Store, make_dir, open_dir, safe_component
 
 
@@ -72,21 +73,43 @@ def drop(paths: JobPaths) -> None:
 def swap(paths: JobPaths, staged: Staged) -> None:
     """Make the staged files live. Safe to repeat after a crash: a file already moved is
     skipped, a path already deleted is fine."""
-    code_fd = os.open(paths.code, DIR_FLAGS)
+    _apply(paths.code, paths.staged, staged.puts, staged.deletes)
+    drop(paths)
+
+
+def update(store: Store, tree: Path, changes: list[Change], new: Manifest, scratch: Path) -> None:
+    """Turn `tree`, a pristine materialisation of a manifest that nothing else uses, into
+    one of `new`, given the `changes` between the two (objects.diff): the files that differ
+    are materialised in `scratch` (a new directory beside it) and renamed into place, the
+    paths `new` lacks removed. The result is the tree materialising `new` would write."""
+    puts = [c.path for c in changes if c.new is not None]
+    deletes = [c.path for c in changes if c.new is None]
+    wanted = set(puts)
+    store.materialize(Manifest.of(e for e in new.entries if e.path in wanted), scratch)
     try:
-        staged_fd = os.open(paths.staged, DIR_FLAGS) if paths.staged.exists() else None
+        _apply(tree, scratch, puts, deletes)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _apply(code: Path, staged: Path, puts: list[str], deletes: list[str]) -> None:
+    """Unlink `deletes` from code/, then rename each of `puts` from staged/ into it.
+    Deletes go first: a path that was a file and is now a directory, or the reverse, is
+    then free when its new entry arrives."""
+    code_fd = os.open(code, DIR_FLAGS)
+    try:
+        for path in deletes:
+            _delete(code_fd, path.split("/"))
+        staged_fd = os.open(staged, DIR_FLAGS) if staged.exists() else None
+        if staged_fd is None:
+            return
         try:
-            for path in staged.puts:
-                if staged_fd is not None:
-                    _move(staged_fd, code_fd, path.split("/"))
-            for path in staged.deletes:
-                _delete(code_fd, path.split("/"))
+            for path in puts:
+                _move(staged_fd, code_fd, path.split("/"))
         finally:
-            if staged_fd is not None:
-                os.close(staged_fd)
+            os.close(staged_fd)
     finally:
         os.close(code_fd)
-    drop(paths)
 
 
 def _ensure_dir(root_fd: int, parts: list[str]) -> int:

@@ -44,6 +44,7 @@ class Config:
     system: bool
     gpus: int | None = None  # declared GPUs; None: ask nvidia-smi
     reservation_ttl_s: float = 120.0
+    spare_trees: int = 2
 
 
 def user_socket() -> Path:
@@ -87,13 +88,17 @@ async def run_agent(config: Config) -> None:
     from agent.gpus import GpuLedger, discover
 
     ledger = GpuLedger(revlog, discover(config.gpus, hostname), config.reservation_ttl_s)
-    jobs = JobManager(state, store, revlog, hostname, ledger)
+    from agent.spares import Spares
+
+    spares = Spares(state.spares, store, config.spare_trees)
+    spares.clean()
+    jobs = JobManager(state, store, revlog, hostname, ledger, spares)
     agent = Agent(
         state=state, store=store, revlog=revlog, jobs=jobs, hostname=hostname, system=config.system
     )
     from agent.background import start_watching
 
-    drift = start_watching(jobs, store, revlog)
+    drift = start_watching(jobs, store, revlog, spares)
     install_runtime(state)
     counts = jobs.recover()
     log.info("recovered jobs: %s", counts)
@@ -122,6 +127,7 @@ async def run_agent(config: Config) -> None:
             config.socket.unlink()
         sock.close()
         jobs.close()
+        spares.close()
         revlog.close()
 
 
@@ -184,6 +190,14 @@ _user_opt = click.option(
     show_default=True,
     help="Seconds a prepared job's GPU reservation lasts if it is never started.",
 )
+@click.option(
+    "--spare-trees",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Keep this many pristine copies of recently run trees, so the next job's code "
+    "directory is a rename plus the files that changed (0: build every one in full).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log each connection.")
 def serve(
     user: bool,
@@ -191,6 +205,7 @@ def serve(
     state: Path | None,
     gpus: int | None,
     reservation_ttl: float,
+    spare_trees: int,
     verbose: bool,
 ) -> None:
     """Serve the agent protocol on a Unix socket (no TCP port, ever)."""
@@ -200,7 +215,10 @@ def serve(
         stream=sys.stderr,
     )
     config = dataclasses.replace(
-        resolve_config(user, sock, state), gpus=gpus, reservation_ttl_s=reservation_ttl
+        resolve_config(user, sock, state),
+        gpus=gpus,
+        reservation_ttl_s=reservation_ttl,
+        spare_trees=spare_trees,
     )
     try:
         asyncio.run(run_agent(config))

@@ -26,7 +26,7 @@ from agent.jobs import JobManager, Owner
 from agent.paths import StatePaths, check_job_id
 from agent.protocol import messages as m
 from agent.protocol.errors import InvalidParams, JobNotFound
-from agent.protocol.objects import Manifest, check_object_id, object_kind
+from agent.protocol.objects import Manifest, check_object_id, from_delta, object_kind
 from agent.protocol.rpc import negotiate
 from agent.revlog import ACTIVE, RevLog
 from agent.store import Store
@@ -100,18 +100,18 @@ async def missing(agent: Agent, caller: Caller, p: m.Missing, notify: Notify) ->
 
 
 async def put_blobs(agent: Agent, caller: Caller, p: m.PutBlobs, notify: Notify) -> Any:
-    items = []
-    for item in p.blobs:
-        if not (len(item) == 2 and isinstance(item[1], bytes)):
-            raise InvalidParams("put_blobs: each item is [id, bytes]")
-        items.append((check_object_id(item[0], "blob id"), item[1]))
-    stored = await asyncio.to_thread(agent.store.put_many, items)
+    stored = await asyncio.to_thread(agent.store.put_many, m.blob_items(p.blobs))
     return {"stored": stored}
 
 
 async def put_manifest(agent: Agent, caller: Caller, p: m.PutManifest, notify: Notify) -> Any:
-    manifest = Manifest.decode(p.manifest)  # validates: no need to decode again to store it
-    bundle = agent.store.put_manifest(manifest, encoded=p.manifest)
+    if p.base:
+        base = agent.store.get_manifest(check_object_id(p.base, "base bundle"))
+        manifest, encoded = from_delta(base, p.puts, p.deletes, p.bundle)
+    else:
+        manifest, encoded = Manifest.decode(p.manifest), p.manifest
+    # Validated either way: no need to decode again to store it.
+    bundle = agent.store.put_manifest(manifest, encoded=encoded)
     return {"bundle": bundle, "missing": agent.store.missing(manifest.blobs())}
 
 

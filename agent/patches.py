@@ -23,7 +23,7 @@ from agent.jobs import JobManager
 from agent.paths import JobPaths
 from agent.protocol import messages as m
 from agent.protocol.errors import InvalidParams, JobStateError, ObjectMissing, StaleRevision
-from agent.protocol.objects import REASONS, Revision, diff
+from agent.protocol.objects import REASONS, Revision, diff, from_delta
 from agent.revlog import RevLog
 from agent.store import Store
 
@@ -50,7 +50,13 @@ async def prepare(
             raise StaleRevision(p.base, staged.number)  # another patch holds the next number
         if p.base != head.number:
             raise StaleRevision(p.base, head.number)
-        new = store.get_manifest(p.bundle)
+        if p.puts or p.deletes:
+            new, encoded = from_delta(store.get_manifest(head.bundle), p.puts, p.deletes, p.bundle)
+            blobs = m.blob_items(p.blobs)
+            await asyncio.to_thread(store.put_many, blobs)
+            store.put_manifest(new, encoded=encoded)
+        else:
+            new = store.get_manifest(p.bundle)
         missing = store.missing(new.blobs())
         if missing:
             raise ObjectMissing(missing)

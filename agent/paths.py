@@ -4,6 +4,7 @@ that belongs to one job. No other module builds these paths by hand.
 Layout under the state directory:
     store/                 content-addressed objects (agent/store.py)
     revlog.sqlite          jobs, revisions, events (agent/revlog.py)
+    spares/<bundle>/       pristine trees the next job's code directory is made from
     jobs/<job>/            one job (root-owned, 0711: traversable, not listable)
         code/              the live code directory (read-only files)
         outputs/           LAUNCH_OUTPUT_DIR, owned by the job's user
@@ -59,6 +60,10 @@ class StatePaths:
     def runtime(self) -> Path:
         """Where the agent puts launch_runtime.py, on every job's PYTHONPATH."""
         return self.root / "runtime"
+
+    @property
+    def spares(self) -> Path:
+        return self.root / "spares"
 
     def job(self, job: str) -> JobPaths:
         return JobPaths(self.jobs / check_job_id(job))

@@ -86,6 +86,10 @@ class Store:
         self.tmp = self.root / "tmp"
         self._objects = str(self.objects)  # for string paths on hot loops (no pathlib)
         self._manifests: dict[str, Manifest] = {}  # recently stored or read, by bundle id
+        # Ids seen present. Objects are never removed by the store, so once present an object
+        # stays: a submit asks about thousands of blobs, and a set answers without a stat each.
+        # (An object deleted by hand is still caught: materialising it is ObjectMissing.)
+        self._present: set[str] = set()
         self.root.mkdir(parents=True, exist_ok=True)
         for directory, mode in ((self.objects, 0o755), (self.tmp, 0o700)):
             if not directory.is_dir():
@@ -98,7 +102,12 @@ class Store:
         return self.objects / object_id[:2] / object_id[2:]
 
     def has(self, object_id: str) -> bool:
-        return os.path.isfile(self._file(object_id))
+        if object_id in self._present:
+            return True
+        if os.path.isfile(self._file(object_id)):
+            self._present.add(object_id)
+            return True
+        return False
 
     def _file(self, object_id: str) -> str:
         """path() as a string, without pathlib's cost (thousands of calls per manifest)."""
@@ -107,7 +116,7 @@ class Store:
 
     def missing(self, ids: Iterable[str]) -> list[str]:
         """The ids not in the store, sorted and de-duplicated; an invalid id is InvalidManifest."""
-        return sorted({i for i in ids if not self.has(i)})
+        return sorted({i for i in set(ids) - self._present if not self.has(i)})
 
     def put(self, object_id: str, data: bytes) -> bool:
         """Store one object; True if newly written, False if it was already there.
@@ -153,6 +162,7 @@ class Store:
                     touched.add(self._objects)  # the new shard's own name must be durable too
                 os.rename(temp, final)
                 temps[n] = (object_id, "")  # nothing left to clean up
+                self._present.add(object_id)
                 touched.add(shard)
             for directory in sorted(touched, reverse=True):
                 _fsync_dir(directory)
@@ -193,7 +203,8 @@ class Store:
 
         The encoding is decoded again first, so a manifest built without validation (or not in
         canonical form) is refused with InvalidManifest rather than stored. `encoded`: the
-        bytes `manifest` was just decoded from (so already validated and canonical).
+        bytes `manifest` was just decoded from, or its encoding when it was built validated
+        (by Manifest.of or apply_changes): canonical and checked already.
         """
         if encoded is None:
             encoded = manifest.encode()

@@ -43,6 +43,7 @@ METRICS = "metrics:"
 ARTIFACT = "artifact:"
 ENVIRONMENT = "environment:"
 WATCH = "watch:"
+SPARE = "spare:"
 CHANGES: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileDeletedEvent,

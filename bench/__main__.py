@@ -4,6 +4,7 @@ named. A new benchmark is a new `bench_NAME.py` with a `run(reps: int | None) ->
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib
 import pkgutil
 import sys
@@ -19,6 +20,15 @@ def available() -> list[str]:
     )
 
 
+def compile_sources() -> None:
+    """Byte-compile launch's own modules once, as `pip install` does for a user. Under
+    PYTHONDONTWRITEBYTECODE (set on some machines) every `launch` and `launch-agent` process
+    would otherwise compile them again at start-up, and the figures would measure that."""
+    repo = Path(__file__).resolve().parent.parent
+    for package in ("launcher", "agent"):
+        compileall.compile_dir(repo / package, quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     names = available()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -28,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.names) - set(names))
     if unknown:
         parser.error(f"no such benchmark: {', '.join(unknown)} (have: {', '.join(names)})")
+    compile_sources()
     for name in args.names or names:
         module = importlib.import_module(f"bench.bench_{name}")
         module.run(args.reps)

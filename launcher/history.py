@@ -16,6 +16,7 @@ import difflib
 import os
 import signal as signal_mod
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from agent.protocol.errors import (
     JobNotFound,
     JobStateError,
     LaunchError,
+    StaleRevision,
 )
 from agent.protocol.objects import (
     Entry,
@@ -51,6 +53,8 @@ from launcher.ops import author, freeze_dir, local_store, upload_bundle
 from launcher.records import JobRecord, Records
 
 FETCH_BATCH = 16 * 2**20
+WATCH_DEBOUNCE_S = 0.03  # quiet after a save before `watch` patches (editors save in bursts)
+INLINE_BYTES = 8 * 2**20  # a patch adding more sends its blobs ahead, in batches
 
 
 def find_job(ref: str | None) -> JobRecord:
@@ -130,7 +134,24 @@ async def patch(ref: str | None, files: list[Path], **options: Any) -> dict[str,
     `options` are patch_on's."""
     record = find_job(ref)
     async with open_fleet([Node.from_dict(n) for n in record.nodes]) as conns:
-        return await patch_on(conns, record, files, **options)
+        result = await patch_on(conns, record, files, **options)
+    del result["head"]
+    return result
+
+
+@dataclass
+class Head:
+    """A job's head as this launcher last committed or read it: `launch watch` keeps it
+    between patches, so a patch need not ask node 0 first (a stale one is refused by the
+    nodes, and read again)."""
+
+    number: int
+    manifest: Manifest
+
+
+async def head_of(conn: NodeConn, job: str) -> Head:
+    status = await conn.client.call("status", {"job": job})
+    return Head(status["revision"], await manifest_of(conn, status["bundle"]))
 
 
 async def patch_on(
@@ -144,13 +165,15 @@ async def patch_on(
     restart: bool = False,
     reason: str = "patch",
     code: Path | None = None,
+    head: Head | None = None,
 ) -> dict[str, Any]:
-    """A patch over connections that are already open (`launch watch` keeps them)."""
+    """A patch over connections that are already open (`launch watch` keeps them). The
+    result's "head" is the new Head (left out of what the CLI prints)."""
     root = Path(record.directory)
     store = local_store()
-    head_status = await conns[0].client.call("status", {"job": record.id})
-    base, head_bundle = head_status["revision"], head_status["bundle"]
-    head = await manifest_of(conns[0], head_bundle)
+    if head is None:
+        head = await head_of(conns[0], record.id)
+    base = head.number
     if reason == "resume":
         states = await on_each(conns, lambda c: c.client.call("status", {"job": record.id}))
         if any(s["state"] in ("running", "prepared") for s in states):
@@ -159,7 +182,7 @@ async def patch_on(
                 "use `launch patch --restart`",
                 record.id,
             )
-        new = (await asyncio.to_thread(freeze_dir, code)).manifest if code else head
+        new = (await asyncio.to_thread(freeze_dir, code)).manifest if code else head.manifest
     elif all_files:
         new = (await asyncio.to_thread(freeze_dir, code or root)).manifest
     else:
@@ -172,13 +195,12 @@ async def patch_on(
                 deletes.append(name)
             else:
                 puts.append(entry)
-        new = apply_changes(head, puts, deletes)
-    changes = tree_diff(head, new)
+        new = apply_changes(head.manifest, puts, deletes)  # validated as it is built
+        store.put_manifest(new, encoded=new.encode())
+    changes = tree_diff(head.manifest, new)
     if not changes and reason != "resume":
-        return {"job": record.id, "revision": base, "paths": [], "unchanged": True}
-    store.put_manifest(new)
-    await upload_bundle(conns, new, store)
-    params = {
+        return {"job": record.id, "revision": base, "paths": [], "unchanged": True, "head": head}
+    params: dict[str, Any] = {
         "job": record.id,
         "base": base,
         "bundle": new.bundle_id,
@@ -186,6 +208,15 @@ async def patch_on(
         "message": message,
         "reason": reason,
     }
+    added = [c.new for c in changes if c.new is not None]
+    blobs = sorted({e.blob: e.size for e in added if e.kind != "symlink"}.items())
+    if sum(size for _, size in blobs) <= INLINE_BYTES:
+        # The changes and their bytes travel with the prepare: one round trip per node.
+        params["puts"] = [e.to_wire() for e in added]
+        params["deletes"] = [c.path for c in changes if c.new is None]
+        params["blobs"] = [[b, store.get(b)] for b, _ in blobs]
+    else:
+        await upload_bundle(conns, new, store, base=head.manifest.bundle_id)
     # Node 0 first: it admits one patch per base, so racing launchers are settled there
     # before any other node stages anything.
     first = await conns[0].client.call("patch_prepare", params)
@@ -209,6 +240,7 @@ async def patch_on(
         "paths": [c.path for c in changes],
         "at_ns": [r["at_ns"] for r in results],
         "nodes": [c.name for c in conns],
+        "head": Head(number, new),
     }
 
 
@@ -463,9 +495,12 @@ async def metrics(ref: str, rank: int = 0, buckets: int = 0) -> dict[str, Any]:
 # -------------------------------------------------------------------------- watch
 
 
-async def watch(ref: str | None, paths: list[Path], out: Any, debounce_s: float = 0.1) -> None:
+async def watch(
+    ref: str | None, paths: list[Path], out: Any, debounce_s: float = WATCH_DEBOUNCE_S
+) -> None:
     """Patch the job each time the local tree changes, until interrupted; one line per
-    revision. Connections stay open, so each patch costs one round trip per node."""
+    revision. Connections stay open and the head is remembered between patches, so a small
+    patch costs three round trips per node (prepare on node 0, on the others, commit)."""
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
 
@@ -497,6 +532,7 @@ async def watch(ref: str | None, paths: list[Path], out: Any, debounce_s: float 
         async with open_fleet([Node.from_dict(n) for n in record.nodes]) as conns:
             out.write(f"watching {root} for {record.id} (Ctrl-C to stop)\n")
             out.flush()
+            head: Head | None = None
             while True:
                 await changed.wait()
                 await asyncio.sleep(debounce_s)  # let a burst of saves settle
@@ -506,7 +542,8 @@ async def watch(ref: str | None, paths: list[Path], out: Any, debounce_s: float 
                 if stopping:
                     out.write("stopped watching; the job goes on\n")
                     return
-                result = await _patch_or_report(conns, record, paths, out)
+                result = await _patch_or_report(conns, record, paths, out, head)
+                head = result["head"] if result else None  # after a refusal: read it again
                 if result and not result.get("unchanged"):
                     out.write(f"{record.id}@r{result['revision']}: {', '.join(result['paths'])}\n")
                     out.flush()
@@ -516,10 +553,16 @@ async def watch(ref: str | None, paths: list[Path], out: Any, debounce_s: float 
 
 
 async def _patch_or_report(
-    conns: list[NodeConn], record: JobRecord, paths: list[Path], out: Any
+    conns: list[NodeConn], record: JobRecord, paths: list[Path], out: Any, head: Head | None
 ) -> dict[str, Any] | None:
     """One patch for `watch`: a refusal (stale head, a node away) is reported, not fatal."""
     try:
+        try:
+            return await patch_on(conns, record, paths, all_files=not paths, head=head)
+        except StaleRevision:
+            if head is None:
+                raise
+        # The head moved since our last patch (another launcher, a drift): read it again.
         return await patch_on(conns, record, paths, all_files=not paths)
     except* LaunchError as group:
         for exc in group.exceptions:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import getpass
 import random
 import secrets
@@ -22,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.errors import Busy, LaunchError, NodeUnreachable
-from agent.protocol.objects import Manifest, Source, object_kind
+from agent.protocol.errors import Busy, LaunchError, NodeUnreachable, ObjectMissing
+from agent.protocol.objects import Manifest, Source, delta, object_kind
 from launcher import home
 from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet, open_fleet_settled
 from launcher.nodes import Node, ensure_local_agents
@@ -218,8 +219,9 @@ async def _run_on(
     """Two phases on exactly these nodes; nothing starts unless every node prepared."""
     job = new_job_id()
     store = local_store()
+    near = _last_bundle(opts)
     async with open_fleet(nodes) as conns:
-        missing = await upload_bundle(conns, manifest, store, progress)
+        missing = await upload_bundle(conns, manifest, store, progress, near)
         params = {
             "job": job,
             "bundle": manifest.bundle_id,
@@ -238,6 +240,7 @@ async def _run_on(
             "data_hash": opts.data_hash,
             "init_from": opts.init_from,
             "gpus": opts.gpus_per_node,
+            "near": near or "",
         }
         try:
             if opts.gpus_per_node != 0:
@@ -264,14 +267,35 @@ async def _run_on(
         return job, [c.address for c in conns], missing
 
 
+def _last_bundle(opts: SubmitOptions) -> str | None:
+    """The bundle of the last job submitted from this tree: the nodes probably hold it."""
+    records = Records(home.records_path())
+    try:
+        return records.last_from(opts.directory).bundle
+    except LaunchError:
+        return None
+    finally:
+        records.close()
+
+
 async def upload_bundle(
-    conns: list[NodeConn], manifest: Manifest, store: Any, progress: Progress | None = None
+    conns: list[NodeConn],
+    manifest: Manifest,
+    store: Any,
+    progress: Progress | None = None,
+    base: str | None = None,
 ) -> list[list[str]]:
     """Give every node the manifest and the blobs it lacks (from the local store); returns
-    what each node lacked."""
+    what each node lacked. With `base`, a bundle the nodes probably hold (the last one sent
+    from this tree), the manifest travels as its changes to that one: a node then decodes
+    and checks only what changed, not thousands of entries."""
     progress = progress or Progress()
-    encoded = manifest.encode()  # once, not once per node
-    missing = await on_each(conns, lambda c: _put_manifest(c, encoded), "upload")
+    full = {"manifest": manifest.encode()}  # once, not once per node
+    change = None
+    if base is not None and base != manifest.bundle_id and store.has(base):
+        puts, deletes = delta(store.get(base), manifest)
+        change = {"base": base, "bundle": manifest.bundle_id, "puts": puts, "deletes": deletes}
+    missing = await on_each(conns, lambda c: _put_manifest(c, full, change), "upload")
     sizes = {e.blob: e.size for e in manifest.entries}
     total = sum(sizes[b] for ids in missing for b in ids)
     progress.on_upload_start(total, sum(len(ids) for ids in missing))
@@ -289,8 +313,15 @@ async def upload_bundle(
     return missing
 
 
-async def _put_manifest(conn: NodeConn, encoded: bytes) -> list[str]:
-    result = await conn.client.call("put_manifest", {"manifest": encoded})
+async def _put_manifest(
+    conn: NodeConn, full: dict[str, Any], change: dict[str, Any] | None
+) -> list[str]:
+    result = None
+    if change is not None:
+        with contextlib.suppress(ObjectMissing):  # the node lacks the base: send it all
+            result = await conn.client.call("put_manifest", change)
+    if result is None:
+        result = await conn.client.call("put_manifest", full)
     return list(result["missing"])
 
 

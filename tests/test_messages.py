@@ -166,7 +166,7 @@ def test_unknown_key() -> None:
         ("hello", {"client": "x"}, "version"),
         ("prepare", {"job": "j", "bundle": ID}, "argv"),
         ("prepare", {"job": "j", "argv": []}, "bundle"),
-        ("put_manifest", {}, "manifest"),
+        ("patch_prepare", {"job": "j", "bundle": ID}, "base"),
         ("cat", {}, "id"),
     ],
 )

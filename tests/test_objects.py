@@ -20,6 +20,7 @@ from agent.protocol.objects import (
     Manifest,
     Revision,
     Source,
+    TreeIndex,
     apply_changes,
     blob_id,
     check_path,
@@ -573,6 +574,40 @@ def test_apply_put_turning_dir_into_file_refused() -> None:
 def test_apply_dir_into_file_after_deleting_its_contents() -> None:
     out = apply_changes(base(), puts=[file("d", b"x")], deletes=["d/b.py", "d/e/c.py"])
     assert [e.path for e in out.entries] == ["a.py", "d", "run"]
+
+
+@settings(max_examples=300)
+@given(entries=entry_lists(), data=st.data())
+def test_apply_checks_only_the_changes_yet_agrees_with_a_full_check(
+    entries: list[Entry], data: st.DataObject
+) -> None:
+    """The incremental check of apply_changes refuses exactly what Manifest.of refuses, and
+    builds the same manifest; chained, as `launch watch` applies patch after patch."""
+    m = Manifest.of(entries)
+    for _ in range(3):
+        paths = [e.path for e in m.entries]
+        deletes = data.draw(st.lists(st.sampled_from(paths), unique=True)) if paths else []
+        near = st.sampled_from(paths).map(lambda p: p.rsplit("/", 1)[0]) if paths else RAW_PATH
+        new_paths = data.draw(
+            st.lists(st.one_of(RAW_PATH, near, near.map(str.upper), near.map(lambda p: p + "/x")))
+        )
+        puts = [file(p, p.encode()) for p in new_paths]
+        current = m.by_path()
+        for path in deletes:
+            del current[path]
+        current.update((e.path, e) for e in puts)
+        try:
+            expected: Manifest | None = Manifest.of(current.values())
+        except InvalidManifest:
+            expected = None
+        if expected is None:
+            with pytest.raises(InvalidManifest):
+                apply_changes(m, puts, deletes)
+            return
+        got = apply_changes(m, puts, deletes)
+        assert got == expected and got.encode() == expected.encode()
+        assert got.index == TreeIndex.of(got.entries)  # what the next apply starts from
+        m = got
 
 
 def test_apply_put_invalid_entry_refused() -> None:

@@ -51,9 +51,17 @@ class PutBlobs:
 
 @dataclass(frozen=True)
 class PutManifest:
-    """Store a manifest (validated). Result: {bundle, missing: [blob ids still absent]}."""
+    """Store a manifest (validated): either `manifest`, its canonical bytes, or, for a tree
+    close to one the node holds, `base` (that bundle's id) with the entries `puts` and the
+    paths `deletes` that turn it into `bundle` (objects.delta); the agent rebuilds the
+    manifest and checks its id. ObjectMissing when the node lacks `base`.
+    Result: {bundle, missing: [blob ids still absent]}."""
 
-    manifest: bytes
+    manifest: bytes = b""
+    base: str = ""
+    bundle: str = ""
+    puts: list[list[Any]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,9 @@ class Prepare:
     login: bool = True
     reason: str = "submit"  # or "rerun": the same code, command and environment as another job
     gpus: int = -1  # GPUs to reserve on this node; -1: all of them (Busy if any is held)
+    # A bundle this one was probably changed from (the last sent from the same tree): if the
+    # node keeps a spare tree of it, the code directory is made from that (agent/spares.py).
+    near: str = ""
     env_from: str = ""  # a rerun: take secret env values from this job (same owner, this node)
     data: list[str] = field(default_factory=list)  # input directories to fingerprint
     data_hash: bool = False  # ... with the SHA-256 of every file
@@ -157,6 +168,11 @@ class PatchPrepare:
     author: str = ""
     message: str = ""
     reason: str = "patch"
+    # The new tree as changes to the base revision's (objects.delta), with the blobs they
+    # add: a patch then costs one round trip, not three (put_manifest, put_blobs, prepare).
+    puts: list[list[Any]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+    blobs: list[list[Any]] = field(default_factory=list)  # [[id, data], ...]
 
 
 @dataclass(frozen=True)
@@ -249,6 +265,18 @@ METHODS: dict[str, type] = {
     "facts": Facts,
 }
 NOTIFICATIONS = ("log",)
+
+
+def blob_items(items: list[list[Any]]) -> list[tuple[str, bytes]]:
+    """[[id, data], ...] as pairs, each id well formed (the store verifies the bytes)."""
+    from agent.protocol.objects import check_object_id
+
+    out = []
+    for item in items:
+        if not (len(item) == 2 and isinstance(item[1], bytes)):
+            raise InvalidParams("blobs: each item is [id, bytes]")
+        out.append((check_object_id(item[0], "blob id"), item[1]))
+    return out
 
 
 def to_params(message: Any) -> dict[str, Any]:

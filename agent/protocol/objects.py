@@ -1,5 +1,6 @@
 """Trees as both sides must agree on them, byte for byte: blob ids, manifests, revision
-records, their canonical encoding, the path grammar, patches (apply_changes) and diffs.
+records, their canonical encoding, the path grammar, patches (apply_changes), diffs, and
+deltas (a manifest sent as the changes to one the receiver holds).
 
 This module performs no I/O. Every decoder validates fully before returning, so a value of
 these types is always well formed: a `Manifest` can be materialised without re-checking paths.
@@ -68,12 +69,24 @@ def check_object_id(value: object, what: str = "object id") -> str:
 # ---------------------------------------------------------------------------------- paths
 
 
+# Most paths are short ASCII names: those the grammar allows match this (components of
+# 1..255 safe characters, none "." or ".."), and are admitted without the general checks.
+_PLAIN_PATH = re.compile(r"(?:(?!\.\.?(?:/|$))[\w.+@=,~-]{1,255}(?:/|$))+", re.ASCII)
+
+
 def check_path(path: object) -> str:
     """Enforce the path grammar on one path; return it. Raises InvalidManifest.
 
     Relative, `/`-separated, no empty, `.` or `..` components, no NUL or backslash, at most
     MAX_COMPONENT_BYTES a component and MAX_PATH_BYTES in all (UTF-8).
     """
+    if (
+        isinstance(path, str)
+        and len(path) <= MAX_PATH_BYTES
+        and not path.endswith("/")
+        and _PLAIN_PATH.fullmatch(path)
+    ):
+        return path
     if not isinstance(path, str):
         raise InvalidManifest("path is not a string", repr(path)[:80])
     if not path:
@@ -247,6 +260,15 @@ class Manifest:
     def by_path(self) -> dict[str, Entry]:
         return {e.path: e for e in self.entries}
 
+    @property
+    def index(self) -> TreeIndex:
+        """Names of files and directories, built once per manifest (for apply_changes)."""
+        cached: TreeIndex | None = self.__dict__.get("_index")
+        if cached is None:
+            cached = TreeIndex.of(self.entries)
+            object.__setattr__(self, "_index", cached)
+        return cached
+
     def blobs(self) -> set[str]:
         """Blob ids that must be in a store to materialise this tree (symlinks carry theirs)."""
         return {e.blob for e in self.entries if e.kind != "symlink"}
@@ -334,29 +356,143 @@ class Change:
 def apply_changes(
     manifest: Manifest, puts: Iterable[Entry] = (), deletes: Iterable[str] = ()
 ) -> Manifest:
-    """The tree after adding or replacing `puts` and removing `deletes`.
+    """The tree after removing `deletes`, then adding or replacing `puts`.
 
     Deleting a path that is not in the tree is PathNotFound: a patch names what it removes.
-    The result is validated like any manifest (a put may not turn a directory into a file).
+    The result is validated like any manifest (a put may not turn a directory into a file),
+    but only the changed paths are checked: `manifest` was valid, so a patch of one file
+    costs little on a tree of thousands (every patch, on every node).
     """
     current = manifest.by_path()
     for path in deletes:
         check_path(path)
         if current.pop(path, None) is None:
             raise PathNotFound(path)
+    added: list[Entry] = []
     for entry in puts:
-        current[entry.check().path] = entry
-    return Manifest.of(current.values())
+        if entry.check().path not in current and entry.path not in manifest.index.files:
+            added.append(entry)
+        current[entry.path] = entry
+    if len(current) > MAX_ENTRIES:
+        raise InvalidManifest("too many entries", "")
+    deleted = len(current) - len(added) < len(manifest.entries)
+    if added and deleted:
+        return Manifest.of(current.values())  # a removed directory may make room: see all
+    index = manifest.index
+    if added:
+        index = index.copy()
+        for entry in sorted(added, key=_path_of):
+            index.add(entry.path)
+    result = Manifest(tuple(sorted(current.values(), key=_path_of)))
+    if not deleted:
+        object.__setattr__(result, "_index", index)
+    return result
+
+
+def delta(base: bytes, new: Manifest) -> tuple[list[list[Any]], list[str]]:
+    """What turns the manifest encoded in `base` into `new`: the wire rows to put and the
+    paths to delete, as put_manifest takes them. `base` is read, not validated (it is the
+    sender's own): the receiver checks the tree it rebuilds against new's bundle id."""
+    try:
+        rows = msgpack.unpackb(base, raw=False, use_list=True)[1]
+        old = {row[0]: row for row in rows}
+    except Exception as exc:
+        raise InvalidManifest(f"base manifest is not valid msgpack: {exc}", "") from None
+    puts = []
+    for entry in new.entries:
+        row = entry.to_wire()
+        if old.pop(entry.path, None) != row:
+            puts.append(row)
+    return puts, sorted(old)
+
+
+def from_delta(
+    base: Manifest, puts: Sequence[object], deletes: Sequence[object], bundle: str
+) -> tuple[Manifest, bytes]:
+    """The manifest `delta` described, and its encoding, checked to be bundle `bundle`."""
+    entries = [Entry.from_wire(row) for row in puts]
+    names = [path for path in deletes if isinstance(path, str)]
+    if len(names) != len(deletes):
+        raise InvalidManifest("deleted paths are not strings", "")
+    try:
+        new = apply_changes(base, entries, names)
+    except PathNotFound as exc:
+        raise InvalidManifest(f"delta deletes {exc.path}, absent from its base", exc.path) from None
+    encoded = new.encode()
+    if blob_id(encoded) != bundle:
+        raise InvalidManifest(
+            f"the changes to {short(base.bundle_id)} do not make {short(bundle)}", bundle
+        )
+    return new, encoded
+
+
+def _path_of(entry: Entry) -> str:
+    return entry.path
+
+
+@dataclass
+class TreeIndex:
+    """A valid tree's file and directory names, for checking a few new paths against it."""
+
+    files: set[str]
+    dirs: set[str]
+    folded: dict[str, str]  # casefold() of every file and directory -> its name
+
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> TreeIndex:
+        files = {e.path for e in entries}
+        dirs = {parent for path in files for parent in _parents(path)}
+        folded = {name.casefold(): name for name in files | dirs}
+        return cls(files, dirs, folded)
+
+    def copy(self) -> TreeIndex:
+        return TreeIndex(set(self.files), set(self.dirs), dict(self.folded))
+
+    def add(self, path: str) -> None:
+        """Admit a new file at `path`, or raise InvalidManifest as Manifest.of would."""
+        if path in self.dirs:
+            raise InvalidManifest(f"{path} is both a file and a directory", path)
+        other = self.folded.get(path.casefold())
+        if other is not None:
+            raise InvalidManifest(f"paths {other} and {path} differ only in case", path)
+        parents = list(_parents(path))
+        for parent in parents:
+            if parent in self.files:
+                raise InvalidManifest(f"{parent} is both a file and the directory of {path}", path)
+            other = self.folded.get(parent.casefold())
+            if other is not None and other != parent:
+                raise InvalidManifest(f"{other} and directory {parent} differ only in case", parent)
+        self.files.add(path)
+        self.folded[path.casefold()] = path
+        for parent in parents:
+            self.dirs.add(parent)
+            self.folded[parent.casefold()] = parent
 
 
 def diff(a: Manifest, b: Manifest) -> list[Change]:
-    """Every path whose entry differs between a and b, sorted by path."""
-    old, new = a.by_path(), b.by_path()
+    """Every path whose entry differs between a and b, sorted by path.
+
+    One merge of the two sorted entry lists; an entry shared by both (a manifest made by
+    apply_changes keeps its base's entries) is passed over without a look inside."""
     changes = []
-    for path in sorted(old.keys() | new.keys()):
-        x, y = old.get(path), new.get(path)
-        if x is None or y is None or (x.kind, x.blob, x.target) != (y.kind, y.blob, y.target):
-            changes.append(Change(path, x, y))
+    xs, ys = a.entries, b.entries
+    i = j = 0
+    while i < len(xs) and j < len(ys):
+        x, y = xs[i], ys[j]
+        if x is y:
+            i, j = i + 1, j + 1
+        elif x.path == y.path:
+            if (x.kind, x.blob, x.target) != (y.kind, y.blob, y.target):
+                changes.append(Change(x.path, x, y))
+            i, j = i + 1, j + 1
+        elif x.path < y.path:
+            changes.append(Change(x.path, x, None))
+            i += 1
+        else:
+            changes.append(Change(y.path, None, y))
+            j += 1
+    changes.extend(Change(x.path, x, None) for x in xs[i:])
+    changes.extend(Change(y.path, None, y) for y in ys[j:])
     return changes
 
 
