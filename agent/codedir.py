@@ -12,6 +12,7 @@ following symlinks, as in the store, so a swap never writes outside code/.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 from agent.paths import JobPaths, publish_json, read_json
 from agent.protocol.errors import InvalidManifest
-from agent.protocol.objects import Change, Entry, Kind, Manifest, blob_id
+from agent.protocol.objects import Change, Entry, Kind, Manifest, apply_changes, blob_id
 from agent.store import DIR_FLAGS, Store, make_dir, open_dir, safe_component
 
 
@@ -56,11 +57,11 @@ def read_staged(paths: JobPaths) -> Staged | None:
     return None if value is None else Staged.from_json(value)
 
 
-def stage(store: Store, paths: JobPaths, staged: Staged, manifest: Manifest) -> None:
-    """Materialise the files `staged.puts` of `manifest` into staged/, then publish the record."""
+def stage(store: Store, paths: JobPaths, staged: Staged, puts: list[Entry]) -> None:
+    """Materialise `puts` (the entries of `staged.puts`) into staged/, then publish the
+    record."""
     drop(paths)
-    wanted = set(staged.puts)
-    store.materialize(Manifest.of(e for e in manifest.entries if e.path in wanted), paths.staged)
+    store.materialize(Manifest.of(puts), paths.staged)
     publish_json(paths.staged_record, asdict(staged), mode=0o600)
 
 
@@ -180,14 +181,26 @@ def scan(
     symlink leaving the tree) is left out and logged."""
     blobs: list[tuple[str, bytes]] = []
     if head is None or not changed or "." in changed:
-        found = _walk(code, "", known, blobs)
-        return Manifest.of(found.values()), blobs
-    entries = head.by_path()
+        return Manifest.of(_walk(code, "", known, blobs).values()), blobs
+    found: dict[str, Entry] = {}
     for rel in sorted(changed):
-        for path in [p for p in entries if p == rel or p.startswith(rel + "/")]:
-            del entries[path]  # whatever is there now replaces what the head had
-        entries.update(_walk(code, rel, known, blobs))
-    return Manifest.of(entries.values()), blobs
+        found.update(_walk(code, rel, known, blobs))
+    # Whatever is there now replaces what the head had under each changed path; only those
+    # paths are checked against the rest of the tree (apply_changes).
+    gone = [path for rel in changed for path in _under(head, rel) if path not in found]
+    return apply_changes(head, found.values(), sorted(set(gone))), blobs
+
+
+def _under(manifest: Manifest, rel: str) -> list[str]:
+    """Paths of `manifest` equal to `rel` or below it, found by bisection."""
+    prefix = rel + "/"
+    paths = manifest.paths
+    out = [rel] if manifest.get(rel) is not None else []
+    for path in paths[bisect.bisect_left(paths, prefix) :]:
+        if not path.startswith(prefix):
+            break
+        out.append(path)
+    return out
 
 
 def _walk(

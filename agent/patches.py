@@ -23,7 +23,7 @@ from agent.jobs import JobManager
 from agent.paths import JobPaths
 from agent.protocol import messages as m
 from agent.protocol.errors import InvalidParams, JobStateError, ObjectMissing, StaleRevision
-from agent.protocol.objects import REASONS, Revision, diff, from_delta
+from agent.protocol.objects import REASONS, Revision, changes, diff, from_delta
 from agent.revlog import RevLog
 from agent.store import Store
 
@@ -50,29 +50,38 @@ async def prepare(
             raise StaleRevision(p.base, staged.number)  # another patch holds the next number
         if p.base != head.number:
             raise StaleRevision(p.base, head.number)
+        head_manifest = store.get_manifest(head.bundle)
         if p.puts or p.deletes:
-            new, encoded = from_delta(store.get_manifest(head.bundle), p.puts, p.deletes, p.bundle)
-            blobs = m.blob_items(p.blobs)
-            await asyncio.to_thread(store.put_many, blobs)
+            new, encoded = from_delta(head_manifest, p.puts, p.deletes, p.bundle)
+            # The changes are what the delta names (the tree need not be compared), and
+            # only their blobs can be missing: the head's are here, its tree was built.
+            puts = [new.get(row[0]) for row in p.puts]
+            changed = changes(head_manifest, [e for e in puts if e is not None], p.deletes)
+            await asyncio.to_thread(store.put_many, m.blob_items(p.blobs))
+            wanted = {c.new.blob for c in changed if c.new is not None and c.new.kind != "symlink"}
+            missing = store.missing(wanted)
+            if missing:
+                raise ObjectMissing(missing)
             store.put_manifest(new, encoded=encoded)
         else:
             new = store.get_manifest(p.bundle)
-        missing = store.missing(new.blobs())
-        if missing:
-            raise ObjectMissing(missing)
-        changes = diff(store.get_manifest(head.bundle), new)
+            missing = store.missing(new.blobs())
+            if missing:
+                raise ObjectMissing(missing)
+            changed = diff(head_manifest, new)
         staged = Staged(
             number=head.number + 1,
             base=head.number,
             bundle=p.bundle,
-            puts=[c.path for c in changes if c.new is not None],
-            deletes=[c.path for c in changes if c.new is None],
+            puts=[c.path for c in changed if c.new is not None],
+            deletes=[c.path for c in changed if c.new is None],
             author=p.author or author,
             message=p.message,
             staged_ns=time.time_ns(),
             options={"reason": p.reason},
         )
-        await asyncio.to_thread(codedir.stage, store, paths, staged, new)
+        added = [c.new for c in changed if c.new is not None]
+        await asyncio.to_thread(codedir.stage, store, paths, staged, added)
     return {"revision": staged.number, "paths": staged.paths}
 
 

@@ -30,12 +30,14 @@ from agent.protocol.errors import (
     StaleRevision,
 )
 from agent.protocol.objects import (
+    Change,
     Entry,
     Kind,
     Manifest,
     Revision,
     apply_changes,
     blob_id,
+    changes,
     check_path,
 )
 from agent.protocol.objects import diff as tree_diff
@@ -53,7 +55,8 @@ from launcher.ops import author, freeze_dir, local_store, upload_bundle
 from launcher.records import JobRecord, Records
 
 FETCH_BATCH = 16 * 2**20
-WATCH_DEBOUNCE_S = 0.03  # quiet after a save before `watch` patches (editors save in bursts)
+WATCH_SETTLE_S = 0.01  # quiet after a completed save before `watch` patches
+WATCH_DEBOUNCE_S = 0.1  # ... after a write whose file is still open
 INLINE_BYTES = 8 * 2**20  # a patch adding more sends its blobs ahead, in batches
 
 
@@ -102,9 +105,9 @@ async def fetch_blobs(conn: NodeConn, manifest: Manifest) -> None:
         wanted = store.missing(wanted)
 
 
-def entry_for(root: Path, path: Path) -> tuple[str, Entry | None]:
-    """The manifest path of a local file and its new entry (None: it was deleted), with its
-    bytes stored locally."""
+def entry_for(root: Path, path: Path) -> tuple[str, Entry | None, bytes]:
+    """The manifest path of a local file, its new entry (None: it was deleted) and its
+    bytes (b"" for a symlink or a deleted file)."""
     absolute = path if path.is_absolute() else Path.cwd() / path
     try:
         rel = absolute.parent.resolve().joinpath(absolute.name).relative_to(root.resolve())
@@ -114,16 +117,21 @@ def entry_for(root: Path, path: Path) -> tuple[str, Entry | None]:
     try:
         st = absolute.lstat()
     except FileNotFoundError:
-        return name, None
+        return name, None, b""
     if stat.S_ISLNK(st.st_mode):
-        return name, Entry.symlink(name, os.readlink(absolute)).check()
+        return name, Entry.symlink(name, os.readlink(absolute)).check(), b""
     if not stat.S_ISREG(st.st_mode):
         raise InvalidParams(f"{path} is not a regular file or symlink")
     data = absolute.read_bytes()
-    object_id = blob_id(data)
-    local_store().put(object_id, data)
     kind: Kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
-    return name, Entry(name, kind, len(data), object_id)
+    return name, Entry(name, kind, len(data), blob_id(data)), data
+
+
+def keep_locally(store: Any, manifest: Manifest, blobs: dict[str, bytes]) -> None:
+    """Put a tree the launcher made (and the bytes it read for it) in its local store, for
+    `launch diff` and `checkout` here. Validated already (apply_changes built it)."""
+    store.put_many(blobs.items())
+    store.put_manifest(manifest, encoded=manifest.encode())
 
 
 # ------------------------------------------------------------------------- patch
@@ -174,6 +182,8 @@ async def patch_on(
     if head is None:
         head = await head_of(conns[0], record.id)
     base = head.number
+    changed: list[Change] | None = None
+    read: dict[str, bytes] = {}
     if reason == "resume":
         states = await on_each(conns, lambda c: c.client.call("status", {"job": record.id}))
         if any(s["state"] in ("running", "prepared") for s in states):
@@ -188,17 +198,20 @@ async def patch_on(
     else:
         if not files:
             raise InvalidParams("name the files to patch, or give --all")
-        puts, deletes = [], []
+        puts, deletes, read = [], [], {}
         for path in files:
-            name, entry = entry_for(code or root, path)
+            name, entry, data = entry_for(code or root, path)
             if entry is None:
                 deletes.append(name)
             else:
                 puts.append(entry)
+                if entry.kind != "symlink":
+                    read[entry.blob] = data
         new = apply_changes(head.manifest, puts, deletes)  # validated as it is built
-        store.put_manifest(new, encoded=new.encode())
-    changes = tree_diff(head.manifest, new)
-    if not changes and reason != "resume":
+        changed = changes(head.manifest, puts, deletes)
+    if changed is None:
+        changed = tree_diff(head.manifest, new)
+    if not changed and reason != "resume":
         return {"job": record.id, "revision": base, "paths": [], "unchanged": True, "head": head}
     params: dict[str, Any] = {
         "job": record.id,
@@ -208,14 +221,16 @@ async def patch_on(
         "message": message,
         "reason": reason,
     }
-    added = [c.new for c in changes if c.new is not None]
+    added = [c.new for c in changed if c.new is not None]
     blobs = sorted({e.blob: e.size for e in added if e.kind != "symlink"}.items())
     if sum(size for _, size in blobs) <= INLINE_BYTES:
-        # The changes and their bytes travel with the prepare: one round trip per node.
+        # The changes and their bytes travel with the prepare: one round trip per node. The
+        # local store takes them after the commit, off the path to the nodes.
         params["puts"] = [e.to_wire() for e in added]
-        params["deletes"] = [c.path for c in changes if c.new is None]
-        params["blobs"] = [[b, store.get(b)] for b, _ in blobs]
+        params["deletes"] = [c.path for c in changed if c.new is None]
+        params["blobs"] = [[b, read[b] if b in read else store.get(b)] for b, _ in blobs]
     else:
+        await asyncio.to_thread(keep_locally, store, new, read)
         await upload_bundle(conns, new, store, base=head.manifest.bundle_id)
     # Node 0 first: it admits one patch per base, so racing launchers are settled there
     # before any other node stages anything.
@@ -234,10 +249,12 @@ async def patch_on(
         )
     commit = {"job": record.id, "revision": number, "signal": signal, "restart": restart}
     results = await on_each(conns, lambda c: c.client.call("patch_commit", commit), "commit")
+    if read:
+        await asyncio.to_thread(keep_locally, store, new, read)
     return {
         "job": record.id,
         "revision": number,
-        "paths": [c.path for c in changes],
+        "paths": [c.path for c in changed],
         "at_ns": [r["at_ns"] for r in results],
         "nodes": [c.name for c in conns],
         "head": Head(number, new),
@@ -518,11 +535,19 @@ async def watch(
     for signum in (signal_mod.SIGINT, signal_mod.SIGTERM):
         loop.add_signal_handler(signum, stop)
 
+    writing: set[str] = set()  # files written and not yet closed (the observer's thread)
+
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
             path = os.fsdecode(event.src_path)
-            if event.event_type in ("opened", "closed_no_write") or "/.git/" in path + "/":
+            kind = event.event_type
+            if kind in ("opened", "closed_no_write") or "/.git/" in path + "/":
                 return
+            if not event.is_directory:
+                if kind in ("created", "modified"):
+                    writing.add(path)
+                else:  # closed after writing, moved into place, deleted: that file is done
+                    writing.discard(path)
             loop.call_soon_threadsafe(changed.set)
 
     observer = Observer()
@@ -535,10 +560,15 @@ async def watch(
             head: Head | None = None
             while True:
                 await changed.wait()
-                await asyncio.sleep(debounce_s)  # let a burst of saves settle
-                while changed.is_set() and not stopping:
+                # A save is over once every file it wrote is closed (or renamed into place):
+                # then a short settle catches the rest of the burst. A file still open for
+                # writing waits for `debounce_s` of quiet instead.
+                while not stopping:
                     changed.clear()
-                    await asyncio.sleep(debounce_s)
+                    await asyncio.sleep(debounce_s if writing else WATCH_SETTLE_S)
+                    if not changed.is_set():
+                        break
+                writing.clear()  # a writer that never closes must not slow every later save
                 if stopping:
                     out.write("stopped watching; the job goes on\n")
                     return

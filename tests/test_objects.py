@@ -23,6 +23,7 @@ from agent.protocol.objects import (
     TreeIndex,
     apply_changes,
     blob_id,
+    changes,
     check_path,
     check_symlink_target,
     diff,
@@ -606,6 +607,9 @@ def test_apply_checks_only_the_changes_yet_agrees_with_a_full_check(
             return
         got = apply_changes(m, puts, deletes)
         assert got == expected and got.encode() == expected.encode()
+        last = {e.path: e for e in puts}  # a path put twice: the last one counts
+        named = [p for p in deletes if p not in last]
+        assert changes(m, last.values(), named) == diff(m, got)
         assert got.index == TreeIndex.of(got.entries)  # what the next apply starts from
         m = got
 

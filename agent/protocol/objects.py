@@ -16,6 +16,7 @@ in the manifest, decode could not check it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import re
@@ -246,8 +247,14 @@ class Manifest:
         return manifest
 
     def encode(self) -> bytes:
-        body = [MANIFEST_FORMAT, [e.to_wire() for e in self.entries]]
-        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+        # Kept: a manifest is a value, and its encoding is asked for again (its id, storing
+        # it, sending it).
+        cached: bytes | None = self.__dict__.get("_encoded")
+        if cached is None:
+            body = [MANIFEST_FORMAT, [e.to_wire() for e in self.entries]]
+            cached = msgpack.packb(body, use_bin_type=True)
+            object.__setattr__(self, "_encoded", cached)
+        return cached
 
     @property
     def bundle_id(self) -> str:
@@ -259,6 +266,22 @@ class Manifest:
 
     def by_path(self) -> dict[str, Entry]:
         return {e.path: e for e in self.entries}
+
+    @property
+    def paths(self) -> list[str]:
+        """The entries' paths, in order (built once per manifest; do not change it)."""
+        cached: list[str] | None = self.__dict__.get("_paths")
+        if cached is None:
+            cached = [e.path for e in self.entries]
+            object.__setattr__(self, "_paths", cached)
+        return cached
+
+    def get(self, path: str) -> Entry | None:
+        """The entry at `path`, found by bisection."""
+        i = bisect.bisect_left(self.paths, path)
+        if i < len(self.entries) and self.entries[i].path == path:
+            return self.entries[i]
+        return None
 
     @property
     def index(self) -> TreeIndex:
@@ -363,6 +386,9 @@ def apply_changes(
     but only the changed paths are checked: `manifest` was valid, so a patch of one file
     costs little on a tree of thousands (every patch, on every node).
     """
+    puts, deletes = list(puts), list(deletes)
+    if not deletes and all(manifest.get(e.path) is not None for e in puts):
+        return _replace(manifest, puts)  # the usual patch: files edited in place
     current = manifest.by_path()
     for path in deletes:
         check_path(path)
@@ -424,6 +450,36 @@ def from_delta(
             f"the changes to {short(base.bundle_id)} do not make {short(bundle)}", bundle
         )
     return new, encoded
+
+
+def _replace(manifest: Manifest, puts: list[Entry]) -> Manifest:
+    """apply_changes when every put replaces an entry: the tree's shape is unchanged, so
+    nothing but the entries themselves needs checking, and the names carry over."""
+    entries = list(manifest.entries)
+    for entry in puts:
+        entries[bisect.bisect_left(manifest.paths, entry.check().path)] = entry
+    result = Manifest(tuple(entries))
+    object.__setattr__(result, "_paths", manifest.paths)
+    if "_index" in manifest.__dict__:
+        object.__setattr__(result, "_index", manifest.index)
+    return result
+
+
+def changes(manifest: Manifest, puts: Iterable[Entry], deletes: Iterable[str]) -> list[Change]:
+    """diff(manifest, apply_changes(manifest, puts, deletes)), in the time of the changes
+    rather than of the tree."""
+    puts = list(puts)
+    replaced = {e.path for e in puts}
+    out = [Change(path, manifest.get(path), None) for path in deletes if path not in replaced]
+    for entry in puts:
+        old = manifest.get(entry.path)
+        if old is None or (old.kind, old.blob, old.target) != (
+            entry.kind,
+            entry.blob,
+            entry.target,
+        ):
+            out.append(Change(entry.path, old, entry))
+    return sorted(out, key=lambda c: c.path)
 
 
 def _path_of(entry: Entry) -> str:
