@@ -172,7 +172,7 @@ def freeze(
         scan.check_present(store)
         read = _read_all(top, scan.misses, store, max_file_size)
         scan.add_read(read)
-        manifest = _store_manifest(store, scan.manifest(read.entries))
+        manifest = _store_manifest(store, scan.manifest(read.entries), cache, read.entries)
         source = git.source(head, listing, scan) if head is not None and listing.git else Source()
     # The memo holds for as long as the index and HEAD do: kept unless git was asked again.
     memo = git.memo or (last.memo if last is not None else None)
@@ -1280,19 +1280,33 @@ def _manifest(entries: list[Entry]) -> Manifest:
     return manifest
 
 
-def _store_manifest(store: Store, manifest: Manifest) -> Manifest:
+def _store_manifest(
+    store: Store, manifest: Manifest, cache: statcache.StatCache, read: list[Entry]
+) -> Manifest:
     """Store the manifest unless the store has it already.
 
     Not validated here (see _Scan.manifest): `put_manifest` decodes what it stores, which
     validates every entry and the tree's shape (duplicates, case clashes), and a manifest
     already in the store was validated when it was put. Validating here as well would double
-    the cost of a warm freeze.
+    the cost of a warm freeze. When the tree has the same paths as the last freeze's (whose
+    manifest the store holds, so it was valid), its shape is known good: only the entries
+    read again (`read`) are checked, which makes a one-file change cheap to freeze.
     """
-    if not store.has(manifest.bundle_id):
-        try:
+    if store.has(manifest.bundle_id):
+        return manifest
+    try:
+        if (
+            cache.bundle_id is not None
+            and store.has(cache.bundle_id)
+            and manifest.paths == cache.table.present()
+        ):
+            for entry in read:
+                entry.check()
+            store.put_manifest(manifest, encoded=manifest.encode())
+        else:
             store.put_manifest(manifest)
-        except InvalidManifest as exc:
-            raise FreezeError(
-                f"{exc.message}: rename one or exclude it in {LAUNCHIGNORE}", exc.path
-            ) from None
+    except InvalidManifest as exc:
+        raise FreezeError(
+            f"{exc.message}: rename one or exclude it in {LAUNCHIGNORE}", exc.path
+        ) from None
     return manifest

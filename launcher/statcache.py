@@ -73,6 +73,10 @@ class Table:
     _racy_after: int = 0  # mtimes at or after this are racy (see the module's docstring)
     _position: dict[str, int] | None = None
 
+    def present(self) -> list[str]:
+        """The paths that were in the tree (not left out), in order."""
+        return [path for path, kind in zip(self.paths, self.kinds, strict=True) if kind]
+
     def key(self, i: int) -> Key:
         if self._keys is not None:
             return self._keys[i]

@@ -132,6 +132,18 @@ def test_one_byte_changes_one_blob_and_the_bundle(tmp_path: Path, store: Store) 
     assert before.bundle_id != after.bundle_id
 
 
+def test_a_refreeze_of_the_same_paths_stores_a_valid_manifest(tmp_path: Path, store: Store) -> None:
+    """With the stat cache, a tree whose paths are those of the last freeze has only the
+    files read again checked; what is stored must still be a manifest that decodes."""
+    root = tmp_path / "t"
+    write(root, FILES)
+    cache = tmp_path / "cache"
+    freeze(root, store, cache_path=cache)
+    write(root, {"pkg/model.py": "class Modem: ...\n"})
+    after = freeze(root, store, cache_path=cache)
+    assert Store(store.root).get_manifest(after.bundle_id) == after.manifest  # decoded afresh
+
+
 def test_exec_bit_is_the_users_x_bit(tmp_path: Path, store: Store) -> None:
     root = tmp_path / "t"
     write(root, {"run.sh": "#!/bin/sh\n"}, mode=0o755)
