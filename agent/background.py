@@ -26,8 +26,7 @@ def start_watching(
         if key.startswith(SPARE):
             if spares is not None:
                 owner, _, bundle = key.removeprefix(SPARE).partition(":")
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(spares.builder, spares.make, int(owner), bundle)
+                await spares.build(int(owner), bundle)
         elif key.startswith(METRICS):
             job_id = key.removeprefix(METRICS)
             metrics.ingest(revlog, jobs.paths(job_id), job_id)

@@ -127,7 +127,6 @@ async def run_agent(config: Config) -> None:
             config.socket.unlink()
         sock.close()
         jobs.close()
-        spares.close()
         revlog.close()
 
 

@@ -29,7 +29,7 @@ import psutil
 from agent import secrets
 from agent.codedir import read_staged
 from agent.gpus import GpuLedger
-from agent.paths import JobPaths, StatePaths, publish_json, read_json
+from agent.paths import BASE_PATH, JobPaths, StatePaths, helper_env, publish_json, read_json
 from agent.protocol.errors import (
     InvalidParams,
     JobNotFound,
@@ -43,8 +43,6 @@ from agent.protocol.objects import Manifest, Revision, Source, check_object_id
 from agent.revlog import Job, RevLog
 from agent.spares import Spares
 from agent.store import Store
-
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -312,15 +310,14 @@ class JobManager:
         log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
         try:
             shim = subprocess.Popen(
-                # -S: no site start-up (a third of the shim's start): _shim_env names the
-                # two directories it imports from.
+                # -S: no site start-up (a third of the shim's start); see helper_env.
                 [sys.executable, "-S", "-m", "agent.shim", str(paths.root)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log_fd,
                 start_new_session=True,
                 close_fds=True,
-                env=_shim_env(),
+                env=helper_env(),
             )
         finally:
             os.close(log_fd)
@@ -577,12 +574,6 @@ class JobManager:
             "gpus": self.gpus.of(job.id),
             "node": self.hostname,
         }
-
-
-def _shim_env() -> dict[str, str]:
-    """The shim imports only this package and psutil; it never passes this on to the job."""
-    roots = [Path(__file__).resolve().parent.parent, Path(psutil.__file__).resolve().parent.parent]
-    return {"PATH": BASE_PATH, "PYTHONPATH": os.pathsep.join(map(str, roots)), "LANG": "C.UTF-8"}
 
 
 def _remove_tree(path: Path) -> None:

@@ -29,6 +29,17 @@ from pathlib import Path
 from typing import Any
 
 JOB_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def helper_env() -> dict[str, str]:
+    """The environment of the agent's own helper processes (`python -S -m agent.shim`,
+    `-m agent.spares`): no site start-up, so PYTHONPATH names the two places they import
+    from, this package and psutil. Never passed on to a job."""
+    import psutil
+
+    roots = [Path(__file__).resolve().parent.parent, Path(psutil.__file__).resolve().parent.parent]
+    return {"PATH": BASE_PATH, "PYTHONPATH": os.pathsep.join(map(str, roots)), "LANG": "C.UTF-8"}
 
 
 def check_job_id(job: str) -> str:

@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from agent.paths import JobPaths, publish_json, read_json
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -42,6 +40,8 @@ def _become_subreaper() -> None:
 
 def _signal_tree(sig: int) -> int:
     """Send sig to every descendant; return how many were still there."""
+    import psutil  # after the job has started (see run)
+
     procs = psutil.Process().children(recursive=True)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -66,12 +66,20 @@ def _reap(main_pid: int, status: dict[str, int | None]) -> None:
                 status["code"] = os.WEXITSTATUS(code)
 
 
+def _publish_self(paths: JobPaths) -> None:
+    """shim.json: how a restarted agent finds this shim (the agent records the same itself
+    when it starts the shim). Written once the job runs: psutil's import is a good part of
+    the shim's start-up, and the job need not wait for it."""
+    import psutil
+
+    me = psutil.Process()
+    publish_json(paths.shim, {"pid": me.pid, "create_time": me.create_time()})
+
+
 def run(paths: JobPaths) -> int:
     spec = read_json(paths.spec)
     assert spec is not None, f"{paths.spec} is missing"
     _become_subreaper()
-    me = psutil.Process()
-    publish_json(paths.shim, {"pid": me.pid, "create_time": me.create_time()})
     log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
 
     waited = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -94,6 +102,7 @@ def run(paths: JobPaths) -> int:
             preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()),
         )
     except OSError as exc:
+        _publish_self(paths)
         os.write(log_fd, f"launch: cannot start {spec['command'][-1]!r}: {exc}\n".encode())
         publish_json(
             paths.exit,
@@ -101,6 +110,7 @@ def run(paths: JobPaths) -> int:
         )
         return 0
 
+    _publish_self(paths)
     cancelled = False
     deadline: float | None = None
     while status["code"] is None or _signal_tree(0) > 0:

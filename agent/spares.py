@@ -3,7 +3,9 @@
 Building a job's code directory from the store writes every file of the tree (thousands for
 a real project), and a resubmit after a one-line change would pay that again. So after a job
 starts, the agent builds, in the background and at low priority, a spare copy of its bundle
-from the store (never from the job's live directory, which a person or the job may change).
+from the store (never from the job's live directory, which a person or the job may change),
+in a process of its own at idle priority (SCHED_IDLE): it runs only on CPU time nothing else
+wants, and, unlike a thread, never holds the agent's GIL while it waits for that time.
 The next prepare takes the spare closest to its bundle (the same bundle, else the one the
 launcher names as the tree it changed, else the newest), moves it into place by one rename
 and changes only the files that differ (codedir.update).
@@ -18,23 +20,27 @@ spare, the tree is materialised in full.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
 import shutil
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from agent import codedir
+from agent.paths import helper_env
 from agent.protocol.errors import LaunchError
 from agent.protocol.objects import Manifest, diff
 from agent.store import Store
 
 log = logging.getLogger("launch-agent")
+PR_SET_PDEATHSIG = 1
 TEMP = ".tmp-"  # prefix of spares being built or dropped
-NICE = 10  # the background builder's niceness: running jobs come first
 # A spare is used when at most this share of the new tree's entries differ from it;
 # beyond that, changing it costs about as much as writing the tree afresh.
 MAX_CHANGED_SHARE = 0.5
@@ -46,18 +52,12 @@ class Spares:
         self.store = store
         self.keep = keep
         self.root.mkdir(mode=0o700, exist_ok=True)
-        # One low-priority builder thread; threads it starts (the copy threads of
-        # materialize) inherit its niceness.
-        self.builder = ThreadPoolExecutor(1, "spares", initializer=_lower_priority)
 
     def clean(self) -> None:
         """Remove what an interrupted build or drop left (at start-up, before any build)."""
         for entry in os.scandir(self.root):
             if entry.name.startswith(TEMP):
                 shutil.rmtree(entry.path, ignore_errors=True)
-
-    def close(self) -> None:
-        self.builder.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------------- take
 
@@ -108,9 +108,32 @@ class Spares:
 
     # ------------------------------------------------------------------------ build
 
+    async def build(self, owner: int, bundle: str) -> None:
+        """make(), in a helper process at idle priority; stopped (by pid) if cancelled.
+        What a stopped build leaves is a temporary tree, removed at the next start-up."""
+        if self.keep == 0 or (self.root / f"{owner}-{bundle}").exists():
+            return
+        args = [str(self.root), str(self.store.root), str(owner), bundle, str(self.keep)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-S",
+            "-m",
+            "agent.spares",
+            *args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=helper_env(),
+        )
+        try:
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await asyncio.shield(proc.wait())
+
     def make(self, owner: int, bundle: str) -> None:
         """Build a spare of `bundle` for `owner` from the store unless there is one; drop
-        that owner's oldest beyond `keep`. Call on the builder thread."""
+        that owner's oldest beyond `keep`."""
         final = self.root / f"{owner}-{bundle}"
         if self.keep == 0 or final.exists():
             return
@@ -135,6 +158,16 @@ class Spares:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _lower_priority() -> None:
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+def main() -> None:
+    """`python -m agent.spares SPARES STORE OWNER BUNDLE KEEP` (run by Spares.build)."""
+    root, store, owner, bundle, keep = sys.argv[1:]
+    with contextlib.suppress(OSError):  # threads started from here inherit it
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    # Ends with the agent, even one killed with SIGKILL.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    logging.basicConfig(level=logging.WARNING, format="launch-agent spares: %(message)s")
+    Spares(Path(root), Store(Path(store)), int(keep)).make(int(owner), bundle)
+
+
+if __name__ == "__main__":
+    main()

@@ -337,9 +337,10 @@ def submit(
         render.print_json(submitted.to_json())
     else:
         sent = sum(submitted.sent_bytes)
-        render.err.print(
+        click.echo(
             f"job {submitted.job} on {len(targets)} node(s), bundle {submitted.bundle[:12]}, "
-            f"sent {sum(submitted.sent_blobs)} blob(s) / {render.human_bytes(sent)}"
+            f"sent {sum(submitted.sent_blobs)} blob(s) / {render.human_bytes(sent)}",
+            err=True,
         )
     if detach or as_json:
         if detach and not as_json:

@@ -9,11 +9,34 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+class _LazyConsole:
+    """A rich Console made when first used: importing rich is a good part of a `launch`
+    command's start, and a detached submit or a patch prints one plain line."""
+
+    def __init__(self, stderr: bool) -> None:
+        self.stderr = stderr
+        self.console: Any = None
+
+    def get(self) -> Any:
+        if self.console is None:
+            from rich.console import Console
+
+            self.console = Console(stderr=self.stderr, highlight=False, soft_wrap=True)
+        return self.console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+out: Any = _LazyConsole(stderr=False)
+err: Any = _LazyConsole(stderr=True)
+
+
+def _table(**options: Any) -> Any:
+    from rich.table import Table
+
+    return Table(**options)
 
 
 def print_json(value: Any) -> None:
@@ -106,7 +129,7 @@ def status_table(st: dict[str, Any]) -> None:
     title = f"{st['job']}  {' '.join(st['argv'])}"
     if st["diverged"]:
         title += "  [red]DIVERGED[/]: nodes disagree on the revision (see `launch repair`)"
-    table = Table(title=title, title_justify="left")
+    table = _table(title=title, title_justify="left")
     for col in ("rank", "node", "state", "rev", "bundle", "pid", "exit"):
         table.add_column(col)
     for row in st["nodes"]:
@@ -134,7 +157,7 @@ def ls_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         out.print("no jobs yet: `launch submit -- CMD` starts one")
         return
-    table = Table()
+    table = _table()
     for col in ("job", "name", "state", "nodes", "bundle", "command"):
         table.add_column(col)
     for r in rows:
@@ -156,7 +179,7 @@ def nodes_table(rows: list[dict[str, Any]]) -> None:
             "starts local agents"
         )
         return
-    table = Table()
+    table = _table()
     for col in ("node", "agent", "cpus", "load", "memory free", "disk free", "gpus", "jobs"):
         table.add_column(col)
     for r in rows:
@@ -182,7 +205,7 @@ class UploadBar:
     THRESHOLD = 8 * 2**20
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and err.is_terminal
+        self.enabled = enabled and sys.stderr.isatty()
         self.progress: Any = None
         self.task: Any = None
 
@@ -202,7 +225,7 @@ class UploadBar:
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
-            console=err,
+            console=err.get(),
             transient=True,
         )
         self.task = self.progress.add_task("upload", total=nbytes, blobs=nblobs)
@@ -219,7 +242,7 @@ class UploadBar:
 
 
 def revisions_table(rows: list[dict[str, Any]]) -> None:
-    table = Table()
+    table = _table()
     for col in ("rev", "reason", "author", "time", "step", "paths", "message", "nodes"):
         table.add_column(col)
     for r in rows:
@@ -238,7 +261,7 @@ def revisions_table(rows: list[dict[str, Any]]) -> None:
 
 def metrics_table(result: dict[str, Any]) -> None:
     if "buckets" in result:
-        table = Table(title=f"{result['job']} rank {result['rank']}", title_justify="left")
+        table = _table(title=f"{result['job']} rank {result['rank']}", title_justify="left")
         for col in ("steps", "count", "metric", "min", "max", "last"):
             table.add_column(col)
         for b in result["buckets"]:
@@ -258,7 +281,7 @@ def metrics_table(result: dict[str, Any]) -> None:
         out.print(f"{result['job']}: no metrics reported yet")
         return
     keys = sorted({k for p in points for k in p["values"]})
-    table = Table(title=f"{result['job']} rank {result['rank']}", title_justify="left")
+    table = _table(title=f"{result['job']} rank {result['rank']}", title_justify="left")
     for col in ("step", "time", "rev", "restart", *keys):
         table.add_column(col)
     for p in points:

@@ -104,7 +104,6 @@ def test_a_changed_spare_is_the_tree_a_full_build_writes(store: Store, tmp_path:
     assert not (tmp_path / "spares" / f"{UID}-{old.bundle_id}").exists()
     assert spares.fill(tmp_path / "job2", new, UID, near=old.bundle_id) is False
     assert not (tmp_path / "job2").exists()
-    spares.close()
 
 
 def test_the_reverse_change_and_the_same_bundle(store: Store, tmp_path: Path) -> None:
@@ -116,7 +115,6 @@ def test_the_reverse_change_and_the_same_bundle(store: Store, tmp_path: Path) ->
     spares.make(UID, new.bundle_id)
     assert spares.fill(tmp_path / "b", new, UID)  # its own spare: a rename, nothing to change
     assert snapshot(tmp_path / "b") == snapshot(tmp_path / "ref")
-    spares.close()
 
 
 def test_a_spare_too_different_is_left_for_another_job(store: Store, tmp_path: Path) -> None:
@@ -126,7 +124,6 @@ def test_a_spare_too_different_is_left_for_another_job(store: Store, tmp_path: P
     spares.make(UID, old.bundle_id)
     assert spares.fill(tmp_path / "job", new, UID, near=old.bundle_id) is False
     assert (tmp_path / "spares" / f"{UID}-{old.bundle_id}").is_dir()
-    spares.close()
 
 
 def test_spares_are_kept_newest_first_and_bounded(store: Store, tmp_path: Path) -> None:
@@ -146,7 +143,6 @@ def test_spares_are_kept_newest_first_and_bounded(store: Store, tmp_path: Path) 
     assert spares.fill(tmp_path / "job", wanted, UID)
     assert sorted(p.name for p in (tmp_path / "spares").iterdir()) == [f"{UID}-{bundles[1]}"]
     assert snapshot(tmp_path / "job") == fresh(store, wanted, tmp_path / "ref")
-    spares.close()
 
 
 def test_keep_zero_and_leftovers(store: Store, tmp_path: Path) -> None:
@@ -155,14 +151,12 @@ def test_keep_zero_and_leftovers(store: Store, tmp_path: Path) -> None:
     off.make(UID, manifest.bundle_id)
     assert list((tmp_path / "off").iterdir()) == []
     assert off.fill(tmp_path / "job", manifest, UID) is False
-    off.close()
     # An interrupted build leaves a temporary tree: removed at start-up, never taken.
     spares = Spares(tmp_path / "spares", store, keep=2)
     store.materialize(manifest, tmp_path / "spares" / ".tmp-interrupted")
     assert spares.fill(tmp_path / "job", manifest, UID) is False
     spares.clean()
     assert list((tmp_path / "spares").iterdir()) == []
-    spares.close()
 
 
 # ------------------------------------------------------------------------------ delta

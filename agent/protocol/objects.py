@@ -203,11 +203,16 @@ def _parents(path: str) -> Iterable[str]:
         yield path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Manifest:
     """A sorted, validated tree. Build with `Manifest.of(entries)` or `Manifest.decode(data)`."""
 
     entries: tuple[Entry, ...]
+
+    def __repr__(self) -> str:
+        # Short: a repr of every entry of a real tree takes a third of a second, and asyncio
+        # writes one of whatever a task returned when it sets up Ctrl-C handling.
+        return f"<Manifest {short(self.bundle_id)} of {len(self.entries)} entries>"
 
     @classmethod
     def of(cls, entries: Iterable[Entry]) -> Manifest:
