@@ -3,7 +3,7 @@
 Like git's index, the cache keeps one row for every path the last freeze looked at, in path
 order: the path's stat as it was just before the file was read (mode, size, mtime_ns, inode,
 ctime_ns), its kind, its blob (SHA-256), its git blob id (SHA-1 of git's `blob <size>\\0`
-header and the bytes: it lets git vouch for a file, see launcher/freeze.py), for a symlink its
+header and the bytes: it lets git vouch for a file, see launcher/gitview.py), for a symlink its
 target, and whether git vouched for it last time. A path whose stat is unchanged is not read
 again. Paths that were left out (a deleted tracked file, a fifo) have a row without kind, so
 that the next freeze can go through the same list without asking where anything is.
