@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent import metrics, patches, provenance
+from agent import codedir, metrics, patches, provenance
 from agent.jobs import JobManager
 from agent.paths import JobPaths
 from agent.revlog import RevLog
@@ -38,9 +38,15 @@ def start_watching(
             if revlog.get(job_id).active:
                 # Watching a large tree adds one inotify watch per directory: done here, off
                 # the start request, which returns as soon as the job runs.
-                await asyncio.to_thread(watcher.watch_code, job_id, jobs.paths(job_id).code)
+                code = jobs.paths(job_id).code
+                since = revlog.head(job_id).at_ns  # the last change made through launch
+                await asyncio.to_thread(watcher.watch_code, job_id, code)
                 if jobs.adopted(job_id):  # edits made while no agent watched: look once
                     await patches.check_drift(jobs, store, revlog, job_id)
+                else:  # edits made since the start, before the watch was in place
+                    early = await asyncio.to_thread(codedir.changed_since, code, since)
+                    if early:
+                        await patches.check_drift(jobs, store, revlog, job_id, early)
         elif key.startswith(ENVIRONMENT):
             await _on_start(key.removeprefix(ENVIRONMENT))
         else:

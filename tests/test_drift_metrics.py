@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agents import AgentProc, wait_for
+from conftest import submit as submit_to_agent
 from launcher_env import (
     PYTHON,
     LaunchHome,
@@ -32,6 +34,8 @@ from launcher_env import (
     wait_until,
     write_tree,
 )
+
+from agent.protocol.objects import Revision
 
 HOST = socket.gethostname()
 ME = f"{getpass.getuser()}@{HOST}"  # who `launch patch` says made a revision
@@ -543,3 +547,24 @@ def test_rerun_submits_the_head_code_and_command_as_a_new_job(
     assert [n["exit_code"] for n in done["nodes"]] == [0, 0], log_text(lh, new)
     assert [n["bundle"] for n in done["nodes"]] == [head["bundle"]] * 2
     assert sorted(log_text(lh, new).splitlines()) == ["[0] value 2", "[1] value 2"]
+
+
+def test_an_edit_in_the_first_moments_of_a_job_is_not_missed(agent: AgentProc) -> None:
+    """The code directory's watch is set up just after the start (off the start request);
+    an edit made before it is in place is found by the look the agent takes once it is.
+    Through the agent's API, not the CLI, to edit within milliseconds of the start."""
+    files = {"main.py": SLEEPER.encode(), "lib/util.py": b"X = 1\n"}
+    submit_to_agent(agent, "j-early-edit", files, [PYTHON, "main.py"])
+    try:
+        t0 = time.monotonic()
+        hand_edit(agent.state / "jobs" / "j-early-edit" / "code" / "lib" / "util.py", "X = 2\n")
+
+        def drift() -> list[Revision]:
+            answer = agent.call("revisions", {"job": "j-early-edit"})
+            return [Revision.decode(r) for r in answer["revisions"]][1:]
+
+        (r1,) = wait_for(drift, timeout=DRIFT_DEADLINE_S)
+        assert time.monotonic() - t0 < DRIFT_DEADLINE_S
+        assert (r1.reason, r1.paths, r1.parent) == ("drift", ("lib/util.py",), 0)
+    finally:
+        agent.call("cancel", {"job": "j-early-edit"})

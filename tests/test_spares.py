@@ -3,17 +3,22 @@ base): the fast paths of a resubmit must give exactly the tree a full build give
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from agents import AgentProc, wait_for
 from conftest import submit
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_store import tree as store_tree
 
 from agent.protocol.errors import InvalidManifest, ObjectMissing
 from agent.protocol.objects import Entry, Manifest, blob_id, delta, diff, from_delta
@@ -25,18 +30,8 @@ UID = os.getuid()
 
 
 def tree(store: Store, files: dict[str, Spec]) -> Manifest:
-    """Plain files (bytes), ("exec", bytes) and ("symlink", target); blobs stored."""
-    entries = []
-    for path, spec in files.items():
-        kind, value = spec if isinstance(spec, tuple) else ("file", spec)
-        if kind == "symlink":
-            assert isinstance(value, str)
-            entries.append(Entry.symlink(path, value))
-        else:
-            assert isinstance(value, bytes)
-            store.put(blob_id(value), value)
-            entries.append(Entry(path, kind, len(value), blob_id(value)))  # type: ignore[arg-type]
-    manifest = Manifest.of(entries)
+    """test_store's tree, its manifest stored too (spares are made from stored bundles)."""
+    manifest = store_tree(store, files)
     store.put_manifest(manifest)
     return manifest
 
@@ -234,3 +229,51 @@ def test_a_resubmit_is_built_from_the_spare_of_the_last_tree(agent: AgentProc) -
     # And a spare of the new tree follows, for the job after it.
     bundle2 = agent.call("status", {"job": "j-spare-2"})["bundle"]
     wait_for((agent.state / "spares" / f"{UID}-{bundle2}").is_dir)
+
+
+def _spare_builder(agent: AgentProc) -> psutil.Process:
+    """The agent's spare-building helper process, once it runs."""
+
+    def found() -> psutil.Process | None:
+        for child in psutil.Process(agent.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if "agent.spares" in child.cmdline():
+                    return child
+        return None
+
+    return wait_for(found, timeout=20, interval=0.005)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("how", ["stop", "kill9"])
+def test_a_spare_build_ends_with_its_agent(agents: Any, how: str) -> None:
+    """The builder runs at idle priority: with every core busy it makes no progress. An
+    agent that stops (SIGTERM) stops it by pid; one killed outright takes it along
+    (PR_SET_PDEATHSIG). No helper outlives the agent, and the half-built tree is removed
+    when an agent starts on that state again."""
+    agent = agents(f"node-{how}")
+    files = {f"d{i // 100}/f{i}.py": b"%d\n" % i for i in range(2000)}
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        result = submit(agent, "j-spare-stop", files, ["/bin/true"])
+        builder = _spare_builder(agent)
+        time.sleep(0.5)  # long enough to finish a build of this size, were it not idle
+        bundle = agent.call("status", {"job": result["job"]})["bundle"]
+        spare = agent.state / "spares" / f"{UID}-{bundle}"
+        assert not spare.exists()
+        if how == "stop":
+            agent.stop()
+        else:
+            agent.kill9()
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    # Even a killed process must be given CPU to die, and an idle one had none: now it has.
+    wait_for(lambda: not builder.is_running() or builder.status() == "zombie", timeout=10)
+    assert not spare.exists()  # stopped, not finished
+    leftovers = [p for p in (agent.state / "spares").iterdir() if p.name.startswith(".tmp-")]
+    agent.start()
+    assert all(not p.exists() for p in leftovers)
