@@ -44,6 +44,7 @@ TEMP = ".tmp-"  # prefix of spares being built or dropped
 # A spare is used when at most this share of the new tree's entries differ from it;
 # beyond that, changing it costs about as much as writing the tree afresh.
 MAX_CHANGED_SHARE = 0.5
+MIN_ENTRIES = 200  # smaller trees are written in full about as fast as a spare is changed
 
 
 class Spares:
@@ -113,6 +114,9 @@ class Spares:
         What a stopped build leaves is a temporary tree, removed at the next start-up."""
         if self.keep == 0 or (self.root / f"{owner}-{bundle}").exists():
             return
+        with contextlib.suppress(LaunchError):
+            if len(self.store.get_manifest(bundle)) < MIN_ENTRIES:
+                return  # written in full in a moment anyway: not worth a process
         args = [str(self.root), str(self.store.root), str(owner), bundle, str(self.keep)]
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -51,8 +51,9 @@ from launcher.fleet import (
     open_fleet_settled,
 )
 from launcher.nodes import Node
-from launcher.ops import author, freeze_dir, local_store, upload_bundle
+from launcher.ops import author, freeze_dir, local_store
 from launcher.records import JobRecord, Records
+from launcher.upload import upload_bundle
 
 FETCH_BATCH = 16 * 2**20
 WATCH_SETTLE_S = 0.01  # quiet after a completed save before `watch` patches

@@ -22,7 +22,7 @@ from test_store import tree as store_tree
 
 from agent.protocol.errors import InvalidManifest, ObjectMissing
 from agent.protocol.objects import Entry, Manifest, blob_id, delta, diff, from_delta
-from agent.spares import Spares
+from agent.spares import MIN_ENTRIES, Spares
 from agent.store import Store
 
 Spec = bytes | tuple[str, bytes | str]
@@ -211,7 +211,7 @@ def test_agent_takes_a_manifest_as_a_delta(agent: AgentProc) -> None:
 
 
 def test_a_resubmit_is_built_from_the_spare_of_the_last_tree(agent: AgentProc) -> None:
-    files = {f"pkg/m{i}.py": b"x = %d\n" % i for i in range(20)}
+    files = {f"pkg/m{i}.py": b"x = %d\n" % i for i in range(MIN_ENTRIES)}
     first = submit(agent, "j-spare-1", files, ["/bin/true"])
     bundle1 = agent.call("status", {"job": first["job"]})["bundle"]
     spare = agent.state / "spares" / f"{UID}-{bundle1}"
@@ -277,3 +277,15 @@ def test_a_spare_build_ends_with_its_agent(agents: Any, how: str) -> None:
     leftovers = [p for p in (agent.state / "spares").iterdir() if p.name.startswith(".tmp-")]
     agent.start()
     assert all(not p.exists() for p in leftovers)
+
+
+def test_no_spare_for_a_small_tree(agent: AgentProc) -> None:
+    """A tree of a few files is written in full as fast as a spare is changed: no spare is
+    built for it."""
+    submit(agent, "j-small", {"main.py": b"print(1)\n"}, ["/bin/true"])
+    bundle = agent.call("status", {"job": "j-small"})["bundle"]
+    time.sleep(1.0)  # well past the moment a spare's build would have begun
+    assert not (agent.state / "spares" / f"{UID}-{bundle}").exists()
+    assert not any(
+        "agent.spares" in " ".join(p.cmdline()) for p in psutil.Process(agent.pid).children()
+    )

@@ -1,0 +1,158 @@
+"""Giving nodes a bundle: this module owns sending the manifest (as a delta to one the nodes
+probably hold, when there is one) and then only the blobs each node lacks, read once from the
+launcher's local store for every node that needs them, in batches, with the next batch on its
+way while a node stores the last (it verifies every blob).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.protocol.errors import ObjectMissing
+from agent.protocol.objects import Manifest, delta
+from launcher.fleet import NodeConn, on_each
+
+BATCH_BYTES = 16 * 2**20
+READ_AHEAD = 4  # batches of blobs read and kept for the nodes that need them
+
+
+@dataclass
+class UploadProgress:
+    """What an upload reports as it goes (bytes); the CLI draws a bar from it."""
+
+    on_upload_start: Callable[[int, int], None] = lambda nbytes, nblobs: None
+    on_upload: Callable[[int], None] = lambda nbytes: None
+    on_upload_end: Callable[[], None] = lambda: None
+
+
+async def upload_bundle(
+    conns: list[NodeConn],
+    manifest: Manifest,
+    store: Any,
+    progress: UploadProgress | None = None,
+    base: str | None = None,
+) -> list[list[str]]:
+    """Give every node the manifest and the blobs it lacks (from the local store); returns
+    what each node lacked. With `base`, a bundle the nodes probably hold (the last one sent
+    from this tree), the manifest travels as its changes to that one: a node then decodes
+    and checks only what changed, not thousands of entries."""
+    progress = progress or UploadProgress()
+    full = {"manifest": manifest.encode()}  # once, not once per node
+    change = None
+    if base is not None and base != manifest.bundle_id and store.has(base):
+        puts, deletes = delta(store.get(base), manifest)
+        change = {"base": base, "bundle": manifest.bundle_id, "puts": puts, "deletes": deletes}
+    missing = await on_each(conns, lambda c: _put_manifest(c, full, change), "upload")
+    sizes = {e.blob: e.size for e in manifest.entries}
+    total = sum(sizes[b] for ids in missing for b in ids)
+    progress.on_upload_start(total, sum(len(ids) for ids in missing))
+    reader = _BatchReader(store)
+    plans = [_batches(ids, sizes) for ids in missing]
+    try:
+        await on_each(
+            conns,
+            lambda c: _send_blobs(c, plans[conns.index(c)], reader, progress.on_upload),
+            "upload",
+        )
+    finally:
+        reader.close()
+        progress.on_upload_end()
+    return missing
+
+
+async def _put_manifest(
+    conn: NodeConn, full: dict[str, Any], change: dict[str, Any] | None
+) -> list[str]:
+    result = None
+    if change is not None:
+        with contextlib.suppress(ObjectMissing):  # the node lacks the base: send it all
+            result = await conn.client.call("put_manifest", change)
+    if result is None:
+        result = await conn.client.call("put_manifest", full)
+    return list(result["missing"])
+
+
+def _batches(ids: list[str], sizes: dict[str, int]) -> list[tuple[str, ...]]:
+    """`ids` in order, cut in batches of up to BATCH_BYTES by the manifest's sizes."""
+    out: list[tuple[str, ...]] = []
+    batch: list[str] = []
+    size = 0
+    for blob in ids:
+        if batch and size + sizes[blob] > BATCH_BYTES:
+            out.append(tuple(batch))
+            batch, size = [], 0
+        batch.append(blob)
+        size += sizes[blob]
+    if batch:
+        out.append(tuple(batch))
+    return out
+
+
+class _BatchReader:
+    """Reads a batch of blobs from the local store once for every node that lacks the same
+    blobs (usually all of them), in a worker thread, ahead of its use. At most READ_AHEAD
+    batches are kept; a node that falls further behind reads its own again."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.reads: dict[tuple[str, ...], asyncio.Future[list[list[Any]]]] = {}
+
+    def read(self, batch: tuple[str, ...]) -> asyncio.Future[list[list[Any]]]:
+        future = self.reads.get(batch)
+        if future is None:
+            future = asyncio.ensure_future(asyncio.to_thread(self._read, batch))
+            self.reads[batch] = future
+            while len(self.reads) > READ_AHEAD:  # forget the oldest read that has finished
+                old = next((b for b, f in self.reads.items() if f.done()), None)
+                if old is None:
+                    break
+                self._drop(old)
+        return future
+
+    def _read(self, batch: tuple[str, ...]) -> list[list[Any]]:
+        return [[blob, self.store.path(blob).read_bytes()] for blob in batch]
+
+    def _drop(self, batch: tuple[str, ...]) -> None:
+        future = self.reads.pop(batch)
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # whoever needs it reads again; no "never retrieved" warning
+
+    def close(self) -> None:
+        """After every node is done with its batches."""
+        while self.reads:
+            self._drop(next(iter(self.reads)))
+
+
+async def _send_blobs(
+    conn: NodeConn,
+    batches: list[tuple[str, ...]],
+    reader: _BatchReader,
+    on_bytes: Callable[[int], None],
+) -> None:
+    """Send the node's batches, the next one on its way while the agent stores the last (it
+    verifies every blob)."""
+    inflight: collections.deque[tuple[asyncio.Future[Any], int]] = collections.deque()
+    try:
+        for k, batch in enumerate(batches):
+            if k + 1 < len(batches):
+                reader.read(batches[k + 1])  # read ahead
+            items = await reader.read(batch)
+            call = conn.client.call("put_blobs", {"blobs": items})
+            inflight.append((asyncio.ensure_future(call), sum(len(d) for _, d in items)))
+            if len(inflight) > 1:  # at most two batches on their way to one node
+                task, size = inflight.popleft()
+                await task
+                on_bytes(size)
+        while inflight:
+            await inflight[0][0]
+            on_bytes(inflight.popleft()[1])
+    finally:
+        for task, _ in inflight:
+            task.cancel()
