@@ -1,11 +1,11 @@
-"""Spare trees: pristine copies of recently built code trees, this module owns `state/spares`.
+"""Spare trees, pristine copies of recently built code trees: this module owns `state/spares`.
 
 Building a job's code directory from the store writes every file of the tree (thousands for
 a real project), and a resubmit after a one-line change would pay that again. So after a job
-starts, the agent builds, in the background and at low priority, a spare copy of its bundle
-from the store (never from the job's live directory, which a person or the job may change),
-in a process of its own at idle priority (SCHED_IDLE): it runs only on CPU time nothing else
-wants, and, unlike a thread, never holds the agent's GIL while it waits for that time.
+starts, the agent builds a spare copy of its bundle from the store (never from the job's live
+directory, which a person or the job may change), in a process of its own at idle priority
+(SCHED_IDLE): it runs only on CPU time nothing else wants, and, unlike a thread, never holds
+the agent's GIL while it waits for that time.
 The next prepare takes the spare closest to its bundle (the same bundle, else the one the
 launcher names as the tree it changed, else the newest), moves it into place by one rename
 and changes only the files that differ (codedir.update).
