@@ -57,7 +57,7 @@ from launcher.upload import upload_bundle
 
 FETCH_BATCH = 16 * 2**20
 WATCH_SETTLE_S = 0.01  # quiet after a completed save before `watch` patches
-WATCH_DEBOUNCE_S = 0.1  # ... after a write whose file is still open
+WATCH_DEBOUNCE_S = 0.1  # ... while a file is still open for writing, or saves keep coming
 INLINE_BYTES = 8 * 2**20  # a patch adding more sends its blobs ahead, in batches
 
 
@@ -519,7 +519,18 @@ async def watch(
     """Patch the job each time the local tree changes, until interrupted; one line per
     revision. Connections stay open and the head is remembered between patches, so a small
     patch costs three round trips per node (prepare on node 0, on the others, commit)."""
-    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.events import (
+        DirCreatedEvent,
+        DirDeletedEvent,
+        DirMovedEvent,
+        FileClosedEvent,
+        FileCreatedEvent,
+        FileDeletedEvent,
+        FileModifiedEvent,
+        FileMovedEvent,
+        FileSystemEvent,
+        FileSystemEventHandler,
+    )
     from watchdog.observers import Observer
 
     record = find_job(ref)
@@ -552,21 +563,36 @@ async def watch(
             loop.call_soon_threadsafe(changed.set)
 
     observer = Observer()
-    observer.schedule(Handler(), str(root), recursive=True)
+    # Only events that mean a change: the kernel then does not report every file and
+    # directory opened for reading (a freeze of the tree opens thousands).
+    changes: list[type[FileSystemEvent]] = [
+        FileCreatedEvent,
+        FileDeletedEvent,
+        FileModifiedEvent,
+        FileMovedEvent,
+        FileClosedEvent,
+        DirCreatedEvent,
+        DirDeletedEvent,
+        DirMovedEvent,
+    ]
+    observer.schedule(Handler(), str(root), recursive=True, event_filter=changes)
     observer.start()
     try:
         async with open_fleet([Node.from_dict(n) for n in record.nodes]) as conns:
             out.write(f"watching {root} for {record.id} (Ctrl-C to stop)\n")
             out.flush()
             head: Head | None = None
+            bursting = False
             while True:
                 await changed.wait()
                 # A save is over once every file it wrote is closed (or renamed into place):
-                # then a short settle catches the rest of the burst. A file still open for
-                # writing waits for `debounce_s` of quiet instead.
+                # then a short settle catches the rest of the burst, and the patch goes out at
+                # once. A file still open for writing, or saves that kept coming while the
+                # last patch went out (a formatter, a script), wait for `debounce_s` of quiet
+                # instead: one revision for the burst, not one per save.
                 while not stopping:
                     changed.clear()
-                    await asyncio.sleep(debounce_s if writing else WATCH_SETTLE_S)
+                    await asyncio.sleep(debounce_s if writing or bursting else WATCH_SETTLE_S)
                     if not changed.is_set():
                         break
                 writing.clear()  # a writer that never closes must not slow every later save
@@ -574,6 +600,7 @@ async def watch(
                     out.write("stopped watching; the job goes on\n")
                     return
                 result = await _patch_or_report(conns, record, paths, out, head)
+                bursting = changed.is_set()
                 head = result["head"] if result else None  # after a refusal: read it again
                 if result and not result.get("unchanged"):
                     out.write(f"{record.id}@r{result['revision']}: {', '.join(result['paths'])}\n")
