@@ -34,7 +34,6 @@ from agent.store import DIR_FLAGS, open_dir, safe_component
 
 SIDECAR = ".launch.json"
 NICE = ["nice", "-n", "10"] if shutil.which("nice") else []
-HASH_CHUNK = 4 * 2**20
 PROBE = (
     "import json, sys, importlib.metadata as m; print(json.dumps({'version': sys.version, "
     "'executable': sys.executable, 'packages': sorted(f\"{d.metadata['Name']}=={d.version}\" "
@@ -74,9 +73,8 @@ def record_artifact(jobs: JobManager, revlog: RevLog, job_id: str, rel: str) -> 
             return False
         if _being_written(job, st):
             return False  # a writer still has it open: its close records it
-        digest = hashlib.sha256()
-        while chunk := os.read(fd, HASH_CHUNK):
-            digest.update(chunk)
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            digest = hashlib.file_digest(f, "sha256")
         head = revlog.get(job_id).head
         since = list(range(job.start_revision, head + 1))
         sha256, step = digest.hexdigest(), last_step(paths)
@@ -281,11 +279,8 @@ def _raise(exc: OSError) -> None:
 
 
 def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def run_as(owner: Owner | None, fn: Callable[..., Any], *args: Any) -> Any:

@@ -413,8 +413,9 @@ def _make_child(parent_fd: int, parts: Sequence[str]) -> int:
 
 
 class _Cloner:
-    """_clone for one materialisation: once a clone (FICLONE) is refused as unsupported,
-    the rest of the tree, on the same file systems, goes straight to the in-kernel copy."""
+    """Copies for one materialisation: a copy-on-write clone (FICLONE) where the file system
+    can (btrfs, XFS); once one is refused as unsupported, the rest of the tree, on the same
+    file systems, goes straight to the in-kernel copy. A full disk or an I/O error is raised."""
 
     def __init__(self) -> None:
         self.reflink = True
@@ -520,26 +521,6 @@ def _tree_error(exc: OSError, where: str) -> Exception:
     if exc.errno not in _TREE_ERRNOS:
         return exc
     return InvalidManifest(f"cannot create {where or '.'}: {exc.strerror}", where)
-
-
-def _clone(src: int, dst: int) -> None:
-    """Copy src into dst: a copy-on-write clone where the filesystem can (btrfs, XFS), else
-    an in-kernel copy, else read and write. Only "not supported here" errors fall through to
-    the next way; a full disk or an I/O error is raised."""
-    device = os.fstat(dst).st_dev
-    if device not in _NO_CLONE:
-        try:
-            fcntl.ioctl(dst, FICLONE, src)
-            return
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            _NO_CLONE.add(device)  # tmpfs, ext4: do not ask again for every file
-    _copy(src, dst)
-
-
-# Filesystems (by device) where FICLONE is not supported.
-_NO_CLONE: set[int] = set()
 
 
 def _copy(src: int, dst: int) -> None:

@@ -74,19 +74,11 @@ class PatchBench(Bench):
         return self.rsync_dir(i) / self.edit_file.relative_to(self.tree)
 
     def run_rsync_change(self, content: bytes) -> float:
-        ssh_e = " ".join(self.ssh_opts())
         errors: list[str] = []
 
         def node(i: int) -> None:
             done = subprocess.run(
-                [
-                    "rsync",
-                    "-a",
-                    "-e",
-                    ssh_e,
-                    f"{self.tree}/",
-                    f"{self.host(i)}:{self.rsync_dir(i)}/",
-                ],
+                self.rsync_argv(i),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
             )

@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import sshd  # noqa: E402  (tests/sshd.py)
-from agents import AgentProc, kill_jobs  # noqa: E402  (tests/agents.py)
+from agents import AgentProc, kill_jobs, stop_processes  # noqa: E402  (tests/agents.py)
 
 NODES = 8
 REPS = 5
@@ -272,6 +272,11 @@ class Bench:
     def rsync_dir(self, i: int) -> Path:
         return SHM / "rsync" / f"n{i}"
 
+    def rsync_argv(self, i: int) -> list[str]:
+        """`rsync -a` of the tree to node i's target, over the node's ControlMaster."""
+        ssh_e = " ".join(shlex.quote(x) for x in self.ssh_opts())
+        return ["rsync", "-a", "-e", ssh_e, f"{self.tree}/", f"{self.host(i)}:{self.rsync_dir(i)}/"]
+
     def cold_launch(self) -> None:
         self.start_agents()
         shutil.rmtree(self.home / "cache", ignore_errors=True)
@@ -351,19 +356,11 @@ class Bench:
     def run_rsync(self) -> dict[str, Any]:
         """Per node, one thread: rsync, then (as soon as it has finished) the ssh start."""
         marks = self.markers()
-        ssh_e = " ".join(shlex.quote(x) for x in self.ssh_opts())
         synced: list[float] = [0.0] * NODES
         errors: list[str] = []
 
         def node(i: int) -> None:
-            rsync = [
-                "rsync",
-                "-a",
-                "-e",
-                ssh_e,
-                f"{self.tree}/",
-                f"{self.host(i)}:{self.rsync_dir(i)}/",
-            ]
+            rsync = self.rsync_argv(i)
             start = [*self.ssh_opts(), self.host(i), f"cd {self.rsync_dir(i)} && touch {marks}/{i}"]
             for n, argv in enumerate((rsync, start)):
                 done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
@@ -722,15 +719,7 @@ class RayHead:
         return {"s": seconds, "mcpu_s": cpu}
 
     def stop(self) -> None:
-        procs = self.processes()
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=10)
+        stop_processes(self.processes(), grace=15)
         shutil.rmtree(RAY_TMP, ignore_errors=True)
 
 

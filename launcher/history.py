@@ -519,19 +519,13 @@ async def watch(
     """Patch the job each time the local tree changes, until interrupted; one line per
     revision. Connections stay open and the head is remembered between patches, so a small
     patch costs three round trips per node (prepare on node 0, on the others, commit)."""
-    from watchdog.events import (
-        DirCreatedEvent,
-        DirDeletedEvent,
-        DirMovedEvent,
-        FileClosedEvent,
-        FileCreatedEvent,
-        FileDeletedEvent,
-        FileModifiedEvent,
-        FileMovedEvent,
-        FileSystemEvent,
-        FileSystemEventHandler,
-    )
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
+
+    # The agent's list of the events that mean a tree changed (standard library and
+    # watchdog only): the kernel then does not report every file and directory opened for
+    # reading (a freeze of the tree opens thousands).
+    from agent.watcher import CHANGES
 
     record = find_job(ref)
     root = Path(record.directory)
@@ -563,19 +557,7 @@ async def watch(
             loop.call_soon_threadsafe(changed.set)
 
     observer = Observer()
-    # Only events that mean a change: the kernel then does not report every file and
-    # directory opened for reading (a freeze of the tree opens thousands).
-    changes: list[type[FileSystemEvent]] = [
-        FileCreatedEvent,
-        FileDeletedEvent,
-        FileModifiedEvent,
-        FileMovedEvent,
-        FileClosedEvent,
-        DirCreatedEvent,
-        DirDeletedEvent,
-        DirMovedEvent,
-    ]
-    observer.schedule(Handler(), str(root), recursive=True, event_filter=changes)
+    observer.schedule(Handler(), str(root), recursive=True, event_filter=CHANGES)
     observer.start()
     try:
         async with open_fleet([Node.from_dict(n) for n in record.nodes]) as conns:

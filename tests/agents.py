@@ -111,6 +111,18 @@ class AgentProc:
             self.proc.wait(10)
 
 
+def stop_processes(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM each, SIGKILL those still there after `grace` seconds, and reap them."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
 def kill_jobs(state: Path) -> None:
     """Stop every shim (and so every job process) that an agent under `state` started.
 
@@ -124,17 +136,9 @@ def kill_jobs(state: Path) -> None:
             proc = psutil.Process(info["pid"])
             if abs(proc.create_time() - info["create_time"]) > 0.01:
                 continue
-            tree = [proc, *proc.children(recursive=True)]
             # SIGTERM first: a login shell killed outright in its profile can leave lock files
             # behind (pyenv's rehash lock makes every later login shell wait 60 s).
-            for p in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.terminate()
-            _, alive = psutil.wait_procs(tree, timeout=3)
-            for p in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-            psutil.wait_procs(alive, timeout=10)
+            stop_processes([proc, *proc.children(recursive=True)], grace=3)
 
 
 class AgentFactory:

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agents import AgentFactory, AgentProc
-from launcher_env import LaunchHome
+from launcher_env import LaunchHome, local_agents
 
 from agent.protocol.objects import Entry, Manifest, blob_id
 
@@ -52,10 +52,5 @@ def submit(
 @pytest.fixture(scope="module")
 def lh() -> Iterator[LaunchHome]:
     """One LAUNCH_HOME with two local agents for a test module; all stopped by pid after."""
-    home = LaunchHome()
-    try:
-        up = home.run("local", "up", "2")
-        assert up.code == 0, up.describe()
+    with local_agents(2) as home:
         yield home
-    finally:
-        home.close()

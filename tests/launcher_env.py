@@ -163,6 +163,18 @@ class LaunchHome:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def local_agents(count: int) -> Iterator[LaunchHome]:
+    """A LAUNCH_HOME with `count` local agents (local0...); all stopped by pid after."""
+    home = LaunchHome()
+    try:
+        up = home.run("local", "up", str(count))
+        assert up.code == 0, up.describe()
+        yield home
+    finally:
+        home.close()
+
+
 def write_tree(root: Path, files: dict[str, str]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():

@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launcher_env import PYTHON, LaunchHome, Result, home_env, wait_until, write_tree
+from launcher_env import (
+    PYTHON,
+    LaunchHome,
+    Result,
+    home_env,
+    local_agents,
+    wait_until,
+    write_tree,
+)
+
+from launcher.provenance import sha256_file
 
 JOB_RE = re.compile(r"job (j-[0-9a-z]+-[0-9a-z]{4})")
 
@@ -39,13 +49,8 @@ JOB_RE = re.compile(r"job (j-[0-9a-z]+-[0-9a-z]{4})")
 @pytest.fixture(scope="module")
 def lh() -> Iterator[LaunchHome]:
     """One LAUNCH_HOME with one local agent (local0) for the module; stopped by pid after."""
-    home = LaunchHome()
-    try:
-        up = home.run("local", "up", "1")
-        assert up.code == 0, up.describe()
+    with local_agents(1) as home:
         yield home
-    finally:
-        home.close()
 
 
 def submit(
@@ -113,14 +118,6 @@ def wait_artifact(lh: LaunchHome, spec: str, timeout: float = 30) -> dict[str, A
     assert wait_until(recorded, timeout, 0.3), last[-1].describe()
     answer: dict[str, Any] = last[-1].json()
     return answer
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------- 1. provenance through a patch
@@ -191,7 +188,7 @@ def test_provenance_of_a_moved_copy_names_job_node_and_both_revisions(
     sidecar = original.with_name("ckpt.bin.launch.json")
     assert sidecar.is_file(), sorted(os.listdir(patched["out"]))
     recorded = json.loads(sidecar.read_text())
-    sha = sha256_of(original)
+    sha = sha256_file(original)
     assert recorded["sha256"] == sha and recorded["job"] == job
 
     moved = tmp_path / "shipped" / "weights.bin"
@@ -263,7 +260,7 @@ def test_init_from_gives_the_parent_path_and_lineage_links_both_jobs(
     wait_done(lh, second)
     init = Path(log_value(lh, second, "INIT"))
     assert init == Path(log_value(lh, first, "OUT")) / "ckpt.bin"  # where the first wrote it
-    assert sha256_of(init) == parent_art["sha256"]
+    assert sha256_file(init) == parent_art["sha256"]
     assert log_value(lh, second, "INIT_SHA") == parent_art["sha256"]
     assert init.with_name("ckpt.bin.launch.json").is_file()  # the first job's own output
 
@@ -358,7 +355,7 @@ def test_every_artifact_is_recorded_however_it_reaches_the_outputs(
     assert wait_until(lambda: not sidecars(), 30, 0.3), sidecars()
     for name in names:
         recorded = json.loads((out / f"{name}.launch.json").read_text())
-        assert (recorded["path"], recorded["sha256"]) == (name, sha256_of(out / name))
+        assert (recorded["path"], recorded["sha256"]) == (name, sha256_file(out / name))
     assert not list(out.rglob(".atomic.tmp*")) and not (out / ".atomic.tmp.launch.json").exists()
     for name in names[:4]:
         copy = tmp_path / "copies" / name.replace("/", "_")
@@ -395,7 +392,7 @@ def test_a_file_still_being_written_is_recorded_only_once_closed(
     assert wait_until(sidecar.is_file, 15, 0.1)
     recorded = json.loads(sidecar.read_text())
     assert recorded["size"] == len(b"first half " * 1000 + b"second half " * 1000)
-    assert recorded["sha256"] == sha256_of(out / "slow.bin")
+    assert recorded["sha256"] == sha256_file(out / "slow.bin")
     wait_done(lh, job)
 
 
@@ -656,7 +653,7 @@ def test_hashing_a_large_checkpoint_does_not_delay_the_job(lh: LaunchHome, tmp_p
         wait_done(lh, job, timeout=60)
         big = Path(log_value(lh, job, "OUT")) / "big.bin"
         assert art["size"] == size == big.stat().st_size
-        assert art["sha256"] == sha256_of(big)
+        assert art["sha256"] == sha256_file(big)
         sidecar = json.loads(big.with_name("big.bin.launch.json").read_text())
         assert sidecar["sha256"] == art["sha256"]
     finally:  # the big files go now, whatever happened (the home itself goes at the end)

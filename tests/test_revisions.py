@@ -558,13 +558,19 @@ def test_repair_rolls_a_cut_patch_forward(
     assert again.code == 0 and again.lines()[0] == "all nodes agree", again.describe()
 
 
-def test_repair_of_a_cut_resume_resumes_the_remaining_node(
-    lh: LaunchHome, jobs: list[str], tmp_path: Path
-) -> None:
+def failed_job(lh: LaunchHome, jobs: list[str], tmp_path: Path) -> str:
+    """A job of FAILS_FIRST on 2 nodes, submitted and run until it failed."""
     src = write_tree(tmp_path / "src", {"start.py": FAILS_FIRST})
     job = submit(lh, src, PYTHON, "start.py")
     jobs.append(job)
     wait_state(lh, job, {"failed"})
+    return job
+
+
+def test_repair_of_a_cut_resume_resumes_the_remaining_node(
+    lh: LaunchHome, jobs: list[str], tmp_path: Path
+) -> None:
+    job = failed_job(lh, jobs, tmp_path)
 
     async def cut() -> None:
         """A `launch resume` that died once node 0 had prepared and committed."""
@@ -659,10 +665,7 @@ def test_patch_signal_is_delivered_after_the_commit(
 def test_resume_starts_an_ended_job_again_as_a_new_revision(
     lh: LaunchHome, jobs: list[str], tmp_path: Path
 ) -> None:
-    src = write_tree(tmp_path / "src", {"start.py": FAILS_FIRST})
-    job = submit(lh, src, PYTHON, "start.py")
-    jobs.append(job)
-    wait_state(lh, job, {"failed"})
+    job = failed_job(lh, jobs, tmp_path)
 
     r = lh.run("resume", job, "-m", "after the crash")
     assert r.code == 0, r.describe()
