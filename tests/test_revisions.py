@@ -259,15 +259,24 @@ def test_patch_reaches_a_running_job_on_both_nodes_and_is_recorded(
     # The job, still running, reads the new content on both ranks; the deleted file is gone.
     wait_log(lh, job, "rank {rank} content v1")
     wait_log(lh, job, "rank {rank} gone False")
-    for rank in (0, 1):
-        published = [
+
+    def published(rank: int) -> list[dict[str, Any]]:
+        return [
             json.loads(line.split(" revfile ", 1)[1])
             for line in log_lines(lh, job, rank)
             if " revfile " in line
         ]
-        assert published[-1]["revision"] == 1, published
-        assert published[-1]["paths"] == ["data.txt", "gone.txt"], published
-        assert published[-1]["job"] == job and published[-1]["reason"] == "patch"
+
+    # The agent swaps the files in first and then replaces the revision file, so the job
+    # may see the new code one poll before it sees revision 1 (never the other way round).
+    assert wait_until(lambda: all(published(r)[-1]["revision"] == 1 for r in (0, 1)), 10, 0.05), [
+        published(r) for r in (0, 1)
+    ]
+    for rank in (0, 1):
+        assert [p["revision"] for p in published(rank)] == [0, 1], published(rank)
+        last = published(rank)[-1]
+        assert last["paths"] == ["data.txt", "gone.txt"], last
+        assert last["job"] == job and last["reason"] == "patch"
         assert not (code_dir(lh, rank, job) / "gone.txt").exists()
         assert (code_dir(lh, rank, job) / "data.txt").read_text() == "v1\n"
 
