@@ -16,8 +16,6 @@ import pwd
 import shlex
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import psutil
 
 from agent import secrets
 from agent.codedir import read_staged
+from agent.forkserver import ForkServer, ForkServerError
 from agent.gpus import GpuLedger
 from agent.paths import BASE_PATH, JobPaths, StatePaths, helper_env, publish_json, read_json
 from agent.protocol.errors import (
@@ -92,7 +91,8 @@ class JobManager:
         self.is_root = os.geteuid() == 0
         self._ended: dict[str, asyncio.Event] = {}
         self._pidfds: dict[str, int] = {}
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._forks = ForkServer(helper_env())
+        self._started: set[int] = set()  # shims this agent started (the rest it adopted)
         self._preparing: set[str] = set()
         self._restarting: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -103,7 +103,7 @@ class JobManager:
 
     def adopted(self, job_id: str) -> bool:
         """Whether this agent re-adopted the job at start-up instead of starting it."""
-        return self.revlog.get(job_id).shim_pid not in self._children
+        return self.revlog.get(job_id).shim_pid not in self._started
 
     def lock(self, job_id: str) -> asyncio.Lock:
         """Held while a job's code directory changes (patch prepare and commit, drift check)."""
@@ -307,31 +307,20 @@ class JobManager:
         publish_json(paths.spec, spec, mode=0o600)
         for stale in (paths.exit, paths.shim, paths.cancel):
             stale.unlink(missing_ok=True)
-        log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
         try:
-            shim = subprocess.Popen(
-                # -S: no site start-up (a third of the shim's start); see helper_env.
-                [sys.executable, "-S", "-m", "agent.shim", str(paths.root)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_fd,
-                start_new_session=True,
-                close_fds=True,
-                env=helper_env(),
-            )
-        finally:
-            os.close(log_fd)
-        self._children[shim.pid] = shim
-        create_time = psutil.Process(shim.pid).create_time()
+            pid, create_time, pidfd = self._forks.spawn(paths.root)
+        except ForkServerError as exc:
+            raise JobStateError(f"cannot start the shim of job {job.id}: {exc}", job.id) from None
+        self._started.add(pid)
         self.revlog.update(
             job.id,
             state="running",
             started_ns=time.time_ns(),
-            shim_pid=shim.pid,
+            shim_pid=pid,
             shim_start=create_time,
             start_revision=head.number,
         )
-        self._watch(job.id, shim.pid)
+        self._watch(job.id, pid, pidfd)
         self.on_started(job.id)
 
     def job_variables(self, job_id: str) -> dict[str, str]:
@@ -389,14 +378,16 @@ class JobManager:
 
     # ------------------------------------------------------------------- ending
 
-    def _watch(self, job_id: str, pid: int) -> None:
-        """Call _on_shim_exit when the shim ends, through a pidfd on the event loop."""
+    def _watch(self, job_id: str, pid: int, fd: int | None = None) -> None:
+        """Call _on_shim_exit when the shim ends, through a pidfd (given, or opened here) on
+        the event loop."""
         self._ended[job_id] = asyncio.Event()  # a fresh one: a restarted job ends anew
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._on_shim_exit(job_id)
-            return
+        if fd is None:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self._on_shim_exit(job_id)
+                return
         self._pidfds[job_id] = fd
         asyncio.get_running_loop().add_reader(fd, self._on_shim_exit, job_id)
         self.on_running(job_id, self.paths(job_id))
@@ -408,8 +399,6 @@ class JobManager:
             asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
         job = self.revlog.get(job_id)
-        if job.shim_pid in self._children:
-            self._children.pop(job.shim_pid).wait()  # reap our own child: no zombie
         self._finalise(job)
         self._ended.setdefault(job_id, asyncio.Event()).set()
 
@@ -539,6 +528,7 @@ class JobManager:
         return counts
 
     def close(self) -> None:
+        self._forks.close()
         loop = asyncio.get_running_loop()
         for fd in self._pidfds.values():
             loop.remove_reader(fd)
