@@ -108,6 +108,8 @@ async def put_manifest(agent: Agent, caller: Caller, p: m.PutManifest, notify: N
     if p.base:
         base = agent.store.get_manifest(check_object_id(p.base, "base bundle"))
         manifest, encoded = from_delta(base, p.puts, p.deletes, p.bundle)
+        if p.blobs:
+            await asyncio.to_thread(agent.store.put_many, m.blob_items(p.blobs))
     else:
         manifest, encoded = Manifest.decode(p.manifest), p.manifest
     # Validated either way: no need to decode again to store it.

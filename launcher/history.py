@@ -53,12 +53,11 @@ from launcher.fleet import (
 from launcher.nodes import Node
 from launcher.ops import author, freeze_dir, local_store
 from launcher.records import JobRecord, Records
-from launcher.upload import upload_bundle
+from launcher.upload import INLINE_BYTES, upload_bundle
 
 FETCH_BATCH = 16 * 2**20
 WATCH_SETTLE_S = 0.01  # quiet after a completed save before `watch` patches
 WATCH_DEBOUNCE_S = 0.1  # ... while a file is still open for writing, or saves keep coming
-INLINE_BYTES = 8 * 2**20  # a patch adding more sends its blobs ahead, in batches
 
 
 def find_job(ref: str | None) -> JobRecord:

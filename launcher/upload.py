@@ -18,6 +18,7 @@ from agent.protocol.objects import Manifest, delta
 from launcher.fleet import NodeConn, on_each
 
 BATCH_BYTES = 16 * 2**20
+INLINE_BYTES = 8 * 2**20  # new content up to this travels with the manifest or patch
 READ_AHEAD = 4  # batches of blobs read and kept for the nodes that need them
 
 
@@ -38,17 +39,22 @@ async def upload_bundle(
     base: str | None = None,
 ) -> list[list[str]]:
     """Give every node the manifest and the blobs it lacks (from the local store); returns
-    what each node lacked. With `base`, a bundle the nodes probably hold (the last one sent
-    from this tree), the manifest travels as its changes to that one: a node then decodes
-    and checks only what changed, not thousands of entries."""
+    the blobs each node was sent. With `base`, a bundle the nodes probably hold (the last one
+    sent from this tree), the manifest travels as its changes to that one, with the content
+    they add when it is small: a node then decodes and checks only what changed, not
+    thousands of entries, and a small change needs no second round trip."""
     progress = progress or UploadProgress()
     full = {"manifest": manifest.encode()}  # once, not once per node
+    sizes = {e.blob: e.size for e in manifest.entries}
     change = None
     if base is not None and base != manifest.bundle_id and store.has(base):
-        puts, deletes = delta(store.get(base), manifest)
+        puts, deletes, added = delta(store.get(base), manifest)
         change = {"base": base, "bundle": manifest.bundle_id, "puts": puts, "deletes": deletes}
-    missing = await on_each(conns, lambda c: _put_manifest(c, full, change), "upload")
-    sizes = {e.blob: e.size for e in manifest.entries}
+        # The content the changes add goes with them when it is small: one round trip less.
+        if sum(sizes[b] for b in added) <= INLINE_BYTES:
+            change["blobs"] = [[b, store.get(b)] for b in added]
+    answers = await on_each(conns, lambda c: _put_manifest(c, full, change), "upload")
+    missing = [lacked for _, lacked in answers]
     total = sum(sizes[b] for ids in missing for b in ids)
     progress.on_upload_start(total, sum(len(ids) for ids in missing))
     reader = _BatchReader(store)
@@ -62,19 +68,19 @@ async def upload_bundle(
     finally:
         reader.close()
         progress.on_upload_end()
-    return missing
+    return [inline + lacked for inline, lacked in answers]
 
 
 async def _put_manifest(
     conn: NodeConn, full: dict[str, Any], change: dict[str, Any] | None
-) -> list[str]:
-    result = None
+) -> tuple[list[str], list[str]]:
+    """(blobs sent with the manifest, blobs the node still lacks)."""
     if change is not None:
         with contextlib.suppress(ObjectMissing):  # the node lacks the base: send it all
             result = await conn.client.call("put_manifest", change)
-    if result is None:
-        result = await conn.client.call("put_manifest", full)
-    return list(result["missing"])
+            return [b for b, _ in change.get("blobs", [])], list(result["missing"])
+    result = await conn.client.call("put_manifest", full)
+    return [], list(result["missing"])
 
 
 def _batches(ids: list[str], sizes: dict[str, int]) -> list[tuple[str, ...]]:

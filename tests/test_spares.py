@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_store import tree as store_tree
 
-from agent.protocol.errors import InvalidManifest, ObjectMissing
+from agent.protocol.errors import ChecksumMismatch, InvalidManifest, ObjectMissing
 from agent.protocol.objects import Entry, Manifest, blob_id, delta, diff, from_delta
 from agent.spares import MIN_ENTRIES, Spares
 from agent.store import Store
@@ -159,7 +159,7 @@ def test_keep_zero_and_leftovers(store: Store, tmp_path: Path) -> None:
 
 def test_delta_round_trip_and_refusals(store: Store) -> None:
     old, new = tree(store, BASE), tree(store, CHANGED)
-    puts, deletes = delta(old.encode(), new)
+    puts, deletes, _ = delta(old.encode(), new)
     assert sorted(deletes) == ["data", "pkg/old/gone.py"]
     assert {row[0] for row in puts} == {c.path for c in diff(old, new) if c.new is not None}
     rebuilt, encoded = from_delta(old, puts, deletes, new.bundle_id)
@@ -191,7 +191,8 @@ def test_agent_takes_a_manifest_as_a_delta(agent: AgentProc) -> None:
     files = {"a.py": b"a", "b.py": b"b"}
     base = Manifest.of(Entry(p, "file", len(d), blob_id(d)) for p, d in files.items())
     new = Manifest.of([*base.entries[:1], Entry("c.py", "file", 1, blob_id(b"c"))])
-    puts, deletes = delta(base.encode(), new)
+    puts, deletes, added = delta(base.encode(), new)
+    assert added == [blob_id(b"c")]  # a.py is in both: only c.py's content is new
     change = {"base": base.bundle_id, "bundle": new.bundle_id, "puts": puts, "deletes": deletes}
     # A node that lacks the base says so (the launcher then sends the whole manifest).
     with pytest.raises(ObjectMissing):
@@ -205,6 +206,24 @@ def test_agent_takes_a_manifest_as_a_delta(agent: AgentProc) -> None:
     result = agent.call("put_manifest", change)
     assert result == {"bundle": new.bundle_id, "missing": sorted([blob_id(b"a"), blob_id(b"c")])}
     assert agent.call("cat", {"id": new.bundle_id})["data"] == new.encode()
+
+    # The new content may travel with the delta: stored (verified), so nothing is missing.
+    newer = Manifest.of([*new.entries, Entry("d.py", "file", 1, blob_id(b"d"))])
+    puts, deletes, added = delta(new.encode(), newer)
+    with_blobs = {
+        "base": new.bundle_id,
+        "bundle": newer.bundle_id,
+        "puts": puts,
+        "deletes": deletes,
+        "blobs": [[blob_id(b"d"), b"d"]],
+    }
+    forged = {**with_blobs, "blobs": [[blob_id(b"d"), b"not d"]]}
+    with pytest.raises(ChecksumMismatch):
+        agent.call("put_manifest", forged)
+    assert agent.call("missing", {"blobs": [blob_id(b"d")]})["missing"] == [blob_id(b"d")]
+    result = agent.call("put_manifest", with_blobs)
+    assert result == {"bundle": newer.bundle_id, "missing": sorted([blob_id(b"a"), blob_id(b"c")])}
+    assert agent.call("cat", {"id": blob_id(b"d")})["data"] == b"d"
 
 
 # ------------------------------------------------------------------------ on an agent

@@ -420,21 +420,27 @@ def apply_changes(
     return result
 
 
-def delta(base: bytes, new: Manifest) -> tuple[list[list[Any]], list[str]]:
+def delta(base: bytes, new: Manifest) -> tuple[list[list[Any]], list[str], list[str]]:
     """What turns the manifest encoded in `base` into `new`: the wire rows to put and the
-    paths to delete, as put_manifest takes them. `base` is read, not validated (it is the
-    sender's own): the receiver checks the tree it rebuilds against new's bundle id."""
+    paths to delete, as put_manifest takes them, and the blobs the puts name that `base` has
+    nowhere (new content: a node holding base's tree lacks at most these). `base` is read,
+    not validated (it is the sender's own): the receiver checks the tree it rebuilds against
+    new's bundle id."""
     try:
         rows = msgpack.unpackb(base, raw=False, use_list=True)[1]
         old = {row[0]: row for row in rows}
+        had = {row[3] for row in rows}
     except Exception as exc:
         raise InvalidManifest(f"base manifest is not valid msgpack: {exc}", "") from None
     puts = []
+    added = set()
     for entry in new.entries:
         row = entry.to_wire()
         if old.pop(entry.path, None) != row:
             puts.append(row)
-    return puts, sorted(old)
+            if entry.kind != "symlink" and entry.blob not in had:
+                added.add(entry.blob)
+    return puts, sorted(old), sorted(added)
 
 
 def from_delta(
