@@ -44,6 +44,7 @@ from launcher.gitview import (  # FreezeError, Excluded, LAUNCHIGNORE: this modu
     LaunchIgnore,
     Listing,
     parse_git,
+    recall_walk,
     walk,
 )
 from launcher.readfiles import read_all
@@ -108,7 +109,7 @@ def freeze(
         outputs = git.listings()
         digest: bytes | None = None
         if outputs is None:
-            listing = walk(top, ignore)
+            listing = recall_walk(cache, top, ignore) or walk(top, ignore)
         else:
             digest = hashlib.sha256(b"\0\0".join((*outputs, ignore.raw))).digest()
             if last is not None and last.digest == digest:
@@ -133,8 +134,9 @@ def freeze(
         or digest != (last.digest if last is not None else None)
         or memo != (last.memo if last is not None else None)
         or attributes != (last.attributes if last is not None else "")
+        or (digest is None and listing.memo is not cache.extra)  # a walk, not recalled
     ):
-        extra = listing.to_extra(digest, memo, attributes) if digest is not None else None
+        extra = listing.to_extra(digest, memo, attributes) if digest is not None else listing.memo
         statcache.save(cache_path, top, scan.table(read), manifest.bundle_id, extra)
     excluded = tuple(sorted(listing.excluded + scan.excluded, key=path_of))
     return Frozen(root, manifest, source, excluded, read.bytes, read.files)

@@ -28,21 +28,23 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
-
-import pathspec
 
 from agent.protocol.errors import InvalidManifest
 from agent.protocol.objects import Source
 from launcher import statcache
 
 if TYPE_CHECKING:
+    import pathspec  # imported where a pattern is read: ~15 ms of start-up otherwise
+
     from launcher.scan import Scan
 
 LAUNCHIGNORE = ".launchignore"
+WALK_MEMO = "walk-1"  # the tag of a walk's memo in the stat cache (recall_walk)
 _GIT_MODES = {"file": "100644", "exec": "100755", "symlink": "120000"}
 # Tracked files, each checked against the index (-m), with tags (-v: lower case for
 # assume-unchanged), index entries (-s) and the stat the index keeps (--debug). The settings
@@ -107,6 +109,7 @@ class Listing:
         self.skip_worktree: set[str] = set()
         self.attributes = False  # a .gitattributes file among the paths: git cannot vouch
         self.from_cache = False
+        self.memo: list[Any] | None = None  # a walk's: what it depends on (recall_walk)
 
     @property
     def tracked(self) -> set[str]:
@@ -306,6 +309,8 @@ class Git:
         self.memo: _StagedMemo | None = None  # what to remember for the next freeze
         self._tracked: subprocess.Popen[bytes] | None = None
         self._untracked_out, self._tracked_out = self._file(), self._file()
+        if not _may_be_in_git(root):  # three git processes that would only say so
+            return
         try:  # the untracked listing first: it takes longest
             self._untracked = self._start(_LS_UNTRACKED, self._untracked_out, subprocess.DEVNULL)
         except FileNotFoundError:  # no git here: every tree is a plain directory
@@ -470,6 +475,15 @@ def _key_of(path: str) -> statcache.Key | None:
         return None
 
 
+def _may_be_in_git(root: Path) -> bool:
+    """False when git surely finds no work tree for root: nothing names a repository in the
+    environment and there is no .git in root or above it."""
+    if any(name in os.environ for name in ("GIT_DIR", "GIT_WORK_TREE")):
+        return True
+    real = Path(os.path.realpath(root))  # where git, started there, finds itself
+    return any(os.path.lexists(os.path.join(d, ".git")) for d in (real, *real.parents))
+
+
 def _has_files(root: Path) -> bool:
     with os.scandir(root) as entries:
         return any(e.name != ".git" for e in entries)
@@ -486,7 +500,7 @@ class LaunchIgnore:
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         text = raw.decode("utf-8", "surrogateescape")
-        self._spec = pathspec.GitIgnoreSpec.from_lines(text.splitlines()) if raw else None
+        self._spec = _spec(text) if raw else None
         self._dirs: dict[str, bool] = {}
 
     @classmethod
@@ -527,12 +541,24 @@ def walk(top: str, ignore: LaunchIgnore) -> Listing:
     one, and within one file the last matching pattern wins (git's precedence). An ignored
     directory is not entered, so nothing in it can be re-included, as in git. Symlinks are
     not followed: they are entries.
+
+    The listing keeps what it depends on (`memo`, see recall_walk): the stat of every
+    directory walked, taken before it was listed, and of every `.gitignore` read.
     """
+    walked_ns = time.time_ns()
     candidates: list[str] = []
     excluded: list[Excluded] = []
-    stack: list[tuple[str, list[tuple[str, pathspec.GitIgnoreSpec]]]] = [("", [])]
+    dirs: list[str] = []
+    dir_stats: list[int] = []
+    ignores: list[str] = []
+    ignore_stats: list[int] = []
+    stack: list[tuple[str, list[tuple[str, pathspec.GitIgnoreSpec]], os.stat_result]] = [
+        ("", [], os.lstat(top))
+    ]
     while stack:
-        prefix, specs = stack.pop()
+        prefix, specs, st = stack.pop()
+        dirs.append(prefix)
+        dir_stats.extend(statcache.stat_key(st))
         try:
             with os.scandir(top + "/" + prefix if prefix else top) as it:
                 entries = list(it)
@@ -544,6 +570,8 @@ def walk(top: str, ignore: LaunchIgnore) -> Listing:
             ) from None
         gitignore = next((e for e in entries if e.name == ".gitignore"), None)
         if gitignore is not None and gitignore.is_file(follow_symlinks=False):
+            ignores.append(prefix + ".gitignore")
+            ignore_stats.extend(statcache.stat_key(gitignore.stat(follow_symlinks=False)))
             specs = [*specs, (prefix, _read_gitignore(gitignore.path, prefix + ".gitignore"))]
         for entry in entries:
             path = prefix + entry.name
@@ -555,21 +583,70 @@ def walk(top: str, ignore: LaunchIgnore) -> Listing:
             elif ignore.excludes(path, is_dir):
                 excluded.append(Excluded(path, LAUNCHIGNORE))
             elif is_dir:
-                stack.append((path + "/", specs))
+                try:
+                    stack.append((path + "/", specs, entry.stat(follow_symlinks=False)))
+                except OSError:  # gone meanwhile: as if never seen
+                    continue
             else:
                 candidates.append(path)
     candidates.sort()
-    return Listing(candidates, excluded)
+    listing = Listing(candidates, excluded)
+    listing.memo = [
+        WALK_MEMO,
+        walked_ns,
+        dirs,
+        dir_stats,
+        ignores,
+        ignore_stats,
+        ignore.raw,
+        [[e.path, e.reason] for e in excluded],
+    ]
+    return listing
+
+
+def recall_walk(cache: statcache.StatCache, top: str, ignore: LaunchIgnore) -> Listing | None:
+    """The last walk's listing when nothing it depends on changed, found by a stat of each
+    directory instead of a listing and an ignore check of each entry: a file added, removed
+    or renamed changes its directory's stat, and an edited `.gitignore` its own. None when
+    anything differs, or is too recent to trust (statcache's racy rule, from the moment the
+    walk began), or when the cache holds no walk."""
+    memo = cache.extra
+    try:
+        tag, walked_ns, dirs, dir_stats, ignores, ignore_stats, raw, excluded = memo
+    except (TypeError, ValueError):
+        return None
+    if tag != WALK_MEMO or raw != ignore.raw or len(dir_stats) != 5 * len(dirs):
+        return None
+    trusted_before = walked_ns - statcache.RACY_NS
+    lstat, stat_key = os.lstat, statcache.stat_key
+    for names, stats in ((dirs, dir_stats), (ignores, ignore_stats)):
+        for i, name in enumerate(names):
+            try:
+                key = stat_key(lstat(f"{top}/{name}" if name else top))
+            except OSError:
+                return None
+            if key != tuple(stats[5 * i : 5 * i + 5]) or key[2] >= trusted_before:
+                return None
+    listing = Listing(cache.table.paths, [Excluded(p, r) for p, r in excluded])
+    listing.memo = memo
+    listing.from_cache = True
+    return listing
 
 
 def _read_gitignore(path: str, shown: str) -> pathspec.GitIgnoreSpec:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return pathspec.GitIgnoreSpec.from_lines(f.read().splitlines())
+            return _spec(f.read())
     except OSError as exc:
         raise FreezeError(
             f"cannot read {shown} ({exc.strerror}): fix its permissions", shown
         ) from None
+
+
+def _spec(text: str) -> pathspec.GitIgnoreSpec:
+    import pathspec
+
+    return pathspec.GitIgnoreSpec.from_lines(text.splitlines())
 
 
 def _gitignored(specs: list[tuple[str, pathspec.GitIgnoreSpec]], path: str, is_dir: bool) -> bool:

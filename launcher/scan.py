@@ -331,6 +331,8 @@ class Scan:
     def table(self, read: Read) -> statcache.Table:
         """The rows to save: one per candidate, in order, with git's vouchers for them."""
         old = self.cache.table
+        if self.listing.candidates is old.paths and self.listing.from_cache:
+            return self._patched_table(read)
         hit_row = dict(zip((e.path for e in self.hits), self.hit_rows, strict=True))
         fresh = {**self.rows, **read.rows}
         keys: list[statcache.Key] = []
@@ -367,6 +369,39 @@ class Scan:
         paths = self.listing.candidates
         return statcache.Table(
             paths, keys, kinds, blobs, "".join(git_blobs), targets, [int(v) for v in vouched]
+        )
+
+    def _patched_table(self, read: Read) -> statcache.Table:
+        """table() when the candidates are the cache's own rows and nothing asks for new
+        vouchers: the old columns, copied, with only the rows that were not hits rewritten
+        (a one-file change rewrites one row instead of building thousands). A hit's row is
+        copied as stored; it was not racy, or it would not have been a hit. Every other row
+        is what was read now, or left out."""
+        old = self.cache.table
+        fresh = {**self.rows, **read.rows}
+        stats = list(old.raw_stats())
+        kinds, blobs, vouched = list(old.kinds), list(old.blobs), list(old.vouched)
+        git_blobs = bytearray(old.git_blobs, "ascii")
+        targets = dict(old.targets)
+        hit = set(self.hit_rows)  # after _drop_beyond_symlinks: the rows kept as they are
+        for row, path in enumerate(old.paths):
+            if row in hit:
+                continue
+            got = fresh.get(path)
+            key, kind, blob, git_blob = got or (
+                statcache.NO_KEY,
+                "",
+                statcache.NO_BLOB,
+                statcache.NO_GIT_BLOB,
+            )
+            stats[5 * row : 5 * row + 5] = key
+            kinds[row], blobs[row], vouched[row] = kind, blob, 0
+            git_blobs[40 * row : 40 * row + 40] = git_blob.encode("ascii")
+            targets.pop(path, None)
+            if kind == "symlink":
+                targets[path] = self.targets[path]
+        return statcache.Table.of_stats(
+            old.paths, stats, kinds, blobs, git_blobs.decode("ascii"), targets, vouched
         )
 
 

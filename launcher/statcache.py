@@ -47,6 +47,7 @@ _VOUCHED = bytes.maketrans(b"01", b"\0\1")
 
 Key = tuple[int, int, int, int, int]  # mode, size, mtime_ns, ino, ctime_ns
 NO_KEY: Key = (0, 0, 0, 0, 0)  # the key of a path left out: mode 0 matches nothing on disk
+_NEVER_RACY = 2**63  # the racy limit of a table built to be saved: every key as it was taken
 
 
 def stat_key(st: os.stat_result) -> Key:
@@ -72,6 +73,27 @@ class Table:
     _stats: Sequence[int] = ()  # size, mtime_ns... flat, when loaded
     _racy_after: int = 0  # mtimes at or after this are racy (see the module's docstring)
     _position: dict[str, int] | None = None
+
+    @classmethod
+    def of_stats(
+        cls,
+        paths: list[str],
+        stats: list[int],
+        kinds: list[str],
+        blobs: list[str],
+        git_blobs: str,
+        targets: dict[str, str],
+        vouched: Sequence[int],
+    ) -> Table:
+        """A table of stats to save as they are (none is racy-adjusted: see raw_stats)."""
+        table = cls(paths, None, kinds, blobs, git_blobs, targets, vouched, stats, _NEVER_RACY)
+        return table
+
+    def raw_stats(self) -> Sequence[int]:
+        """The stats, flat, as they were taken (a racy row's mtime included)."""
+        if self._keys is None:
+            return self._stats
+        return [field for key in self._keys for field in key]
 
     def present(self) -> list[str]:
         """The paths that were in the tree (not left out), in order."""
@@ -164,9 +186,10 @@ def save(path: Path, root: str, table: Table, bundle_id: str | None, extra: Any 
     """Write the cache atomically (temp file, rename). The write time is taken after every
     stat it holds was taken, which is what the racy rule needs. `extra` must be msgpack
     made of arrays, strings, bytes, integers, booleans and None."""
-    stats: list[int] = []
-    for key in table.keys:
-        stats.extend(key)
+    if table._keys is None and table._racy_after == _NEVER_RACY:  # saved as taken
+        stats: Sequence[int] = table._stats
+    else:
+        stats = [field for key in table.keys for field in key]
     kinds = "".join(_KIND_CODES[kind] for kind in table.kinds)
     links = (p for p, k in zip(table.paths, table.kinds, strict=True) if k == "symlink")
     body: list[Any] = [

@@ -19,6 +19,7 @@ from agent.protocol.objects import blob_id, diff
 from agent.store import Store
 from launcher import statcache
 from launcher.freeze import FreezeError, Frozen, freeze
+from launcher.gitview import LaunchIgnore, recall_walk
 
 HOUR_AGO = time.time() - 3600
 
@@ -622,3 +623,68 @@ def test_stat_cache_file_is_replaced_atomically(tmp_path: Path, store: Store) ->
     freeze(root, store, cache_path=cache)
     assert sorted(p.name for p in cache.parent.iterdir()) == ["stat"]  # no temp left behind
     assert stat.S_ISREG(cache.stat().st_mode)
+
+
+def age_dirs(root: Path) -> None:
+    """Set every directory's mtime an hour back too (after any change in them)."""
+    for dirpath, _, _ in os.walk(root):
+        os.utime(dirpath, (HOUR_AGO, HOUR_AGO))
+
+
+def test_an_unchanged_walk_is_recalled_and_every_change_is_seen(
+    tmp_path: Path, store: Store
+) -> None:
+    """A plain tree's listing is taken from the last walk while no directory and no ignore
+    file changed (a stat of each directory); each kind of change below makes a new walk, and
+    every freeze equals one without any cache."""
+    root = tmp_path / "t"
+    write(root, {f"pkg/m{i}.py": f"# {i}\n" for i in range(20)} | FILES)
+    write(root, {".gitignore": "*.log\n", "pkg/.gitignore": "secret*\n", "pkg/a.log": "x"})
+    write(root, {".launchignore": "nothing-yet\n"})
+    age(root)
+    age_dirs(root)
+    cache_path = tmp_path / "stat"
+
+    def check() -> set[str]:
+        warm = freeze(root, store, cache_path=cache_path)
+        cold = freeze(root, store)
+        assert warm.manifest == cold.manifest and warm.excluded == cold.excluded
+        return paths(warm)
+
+    def recalled() -> bool:
+        cache = statcache.load(cache_path, str(root))
+        listing = recall_walk(cache, str(root), LaunchIgnore.load(root))
+        return listing is not None and listing.candidates == cache.table.paths
+
+    assert "pkg/a.log" not in check()
+    assert recalled()
+    # A file's content changed in place: the listing is recalled, the file read again.
+    write(root, {"pkg/m1.py": "# one, changed\n"})
+    os.utime(root / "pkg/m1.py", (HOUR_AGO, HOUR_AGO))
+    frozen = freeze(root, store, cache_path=cache_path)
+    assert (frozen.files_read, frozen.bundle_id) == (1, freeze(root, store).bundle_id)
+    assert recalled()
+    again = freeze(root, store, cache_path=cache_path)  # the rewritten cache holds
+    assert (again.files_read, again.bundle_id) == (0, frozen.bundle_id)
+
+    # Ignore files edited in place: no directory changes, their own stat or bytes do.
+    write(root, {"pkg/.gitignore": "secret*\nm5.py\n"})
+    age(root)  # not edited just now (else it is not trusted yet: see the end)
+    assert "pkg/m5.py" not in check()
+    assert recalled()
+    write(root, {".launchignore": "pkg/m6.py\n"})
+    age(root)
+    assert "pkg/m6.py" not in check()
+    assert recalled()
+
+    # Entries added, removed, renamed, a new directory: their directory's stat changes.
+    write(root, {"pkg/new.py": "new\n"})
+    (root / "pkg/m3.py").unlink()
+    (root / "pkg/m4.py").rename(root / "pkg/m44.py")
+    write(root, {"pkg/sub/deep.py": "deep\n"})
+    final = check()
+    assert {"pkg/new.py", "pkg/m44.py", "pkg/sub/deep.py"} <= final
+    assert not {"pkg/m3.py", "pkg/m4.py"} & final
+    # Directories changed just now are not trusted yet (the racy rule), whatever their stat.
+    assert not recalled()
+    assert check() == final

@@ -23,8 +23,11 @@ import msgpack
 
 from agent.protocol import errors
 from agent.protocol.errors import LaunchError, LocalProtocolError, RemoteProtocolError
-from agent.protocol.messages import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 
+# The protocol's version, agreed by hello (re-exported by messages.py, its home in DESIGN.md).
+PROTOCOL_VERSION = 1
+# Oldest peer version this side still understands; hello fails below it.
+MIN_PROTOCOL_VERSION = 1
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 HEADER = struct.Struct(">I")
 # Large enough for one 50 MiB file (the freeze limit) with room; a batch of blobs is split.
