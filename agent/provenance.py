@@ -33,7 +33,10 @@ from agent.revlog import Job, RevLog
 from agent.store import DIR_FLAGS, open_dir, safe_component
 
 SIDECAR = ".launch.json"
-NICE = ["nice", "-n", "10"] if shutil.which("nice") else []
+# The environment probe runs the job's interpreter (~0.2 s of CPU) at the lowest nice value:
+# on a node starting its jobs it yields to them (weight 15 against 1024), yet it is not starved
+# for good by a job that keeps every core busy, as SCHED_IDLE could be.
+NICE = ["nice", "-n", "19"] if shutil.which("nice") else []
 PROBE = (
     "import json, sys, importlib.metadata as m; print(json.dumps({'version': sys.version, "
     "'executable': sys.executable, 'packages': sorted(f\"{d.metadata['Name']}=={d.version}\" "
