@@ -36,6 +36,7 @@ from agent.paths import JobPaths
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 MAX_MESSAGE = 4096
+SPAWN_TIMEOUT_S = 10.0
 
 
 class ForkServerError(OSError):
@@ -60,7 +61,7 @@ class ForkServer:
             try:
                 sock.send(os.fsencode(job_root))
                 message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
-            except OSError:
+            except OSError:  # a broken pipe, or no answer in time (TimeoutError)
                 message, fds = b"", []
             if message.startswith(b"ok ") and len(fds) == 1:
                 pid, create_time = message[3:].split()
@@ -73,10 +74,6 @@ class ForkServer:
             if attempt == 2:
                 raise ForkServerError("the fork server ended without answering")
         raise AssertionError("unreachable")
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
 
     def _connected(self) -> socket.socket:
         if self.sock is not None:
@@ -99,6 +96,7 @@ class ForkServer:
             raise ForkServerError(f"cannot start the fork server: {exc}") from None
         finally:
             theirs.close()
+        ours.settimeout(SPAWN_TIMEOUT_S)  # a server that hangs is replaced, not waited on
         self.sock = ours
         return ours
 
@@ -134,7 +132,7 @@ def serve(sock: socket.socket) -> None:
                 if key.fileobj is wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake_r, 512)
-                    _reap()
+                    shim.reap_children()
                     continue
                 request = sock.recv(MAX_MESSAGE)
                 if not request:
@@ -190,16 +188,6 @@ def _fork(paths: JobPaths, close: tuple[socket.socket, int, int]) -> int:
             sys.stderr.flush()
     finally:
         os._exit(code)
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 def main() -> None:

@@ -49,8 +49,8 @@ def _signal_tree(sig: int) -> int:
     return len(procs)
 
 
-def _reap(main_pid: int, status: dict[str, int | None]) -> None:
-    """Collect every exited child; remember the main process's exit status."""
+def reap_children(main_pid: int = -1, status: dict[str, int | None] | None = None) -> None:
+    """Collect every exited child; remember the main process's exit status in `status`."""
     while True:
         try:
             pid, code = os.waitpid(-1, os.WNOHANG)
@@ -58,7 +58,7 @@ def _reap(main_pid: int, status: dict[str, int | None]) -> None:
             return
         if pid == 0:
             return
-        if pid == main_pid:
+        if pid == main_pid and status is not None:
             if os.WIFSIGNALED(code):
                 status["signal"] = os.WTERMSIG(code)
                 status["code"] = 128 + os.WTERMSIG(code)
@@ -131,8 +131,8 @@ def run(paths: JobPaths) -> int:
             grace = (read_json(paths.cancel) or {}).get("grace_s", DEFAULT_GRACE_S)
             _signal_tree(signal.SIGTERM)
             deadline = time.monotonic() + float(grace)
-        _reap(child.pid, status)
-    _reap(child.pid, status)
+        reap_children(child.pid, status)
+    reap_children(child.pid, status)
     publish_json(
         paths.exit,
         {
