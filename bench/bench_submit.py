@@ -6,7 +6,8 @@ real node has its own fast disk, and one shared virtual disk would serialise all
 
 launch:  `launch submit --detach --no-login-shell --dir TREE -- /bin/sh -c 'touch M/$RANK'`
          through the connection holder (started, with its 8 SSH connections, by an untimed
-         `launch nodes` first).
+         `launch nodes` first), the installed `launch` script, so through the command server
+         that command also started (launcher/entry.py), as for any user.
 rsync:   what a SkyPilot user's sync does: `rsync -a` over SSH to the 8 nodes at once (over
          ControlMaster connections opened before timing), each followed, as soon as that
          node's rsync has finished, by `ssh NODE "cd DIR && touch M/I"` over the same master.
@@ -254,8 +255,14 @@ class Bench:
 
         stop_holder(self.home / "run" / "holder.sock")
 
+    def stop_command_server(self) -> None:
+        from launcher.cmdserver import stop_server
+
+        stop_server(self.home / "run" / "cmd.sock")
+
     def close(self) -> None:
-        for step in (self.stop_holder, self.stop_masters, self.stop_agents):
+        steps = (self.stop_holder, self.stop_command_server, self.stop_masters, self.stop_agents)
+        for step in steps:
             try:
                 step()
             except Exception as exc:  # clean up the rest regardless

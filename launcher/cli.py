@@ -424,7 +424,7 @@ def nodes(
     if (
         nnodes is None
         and not (hosts or hostfile or cluster)
-        and not nodes_mod.load_clusters(Path("."))
+        and not call(nodes_mod.load_clusters, Path("."))
     ):
         targets = ops.local_agent_nodes()
     else:

@@ -1,7 +1,7 @@
 """Helpers shared by the end-to-end tests of the `launch` CLI (test_launcher_local.py and
 test_launcher_ssh.py): a private LAUNCH_HOME that runs the real CLI as a subprocess, and the
-clean-up of everything such a home may have started (the connection holder, local agents and
-their jobs), always by pid.
+clean-up of everything such a home may have started (the connection holder, the command
+server, local agents and their jobs), always by pid.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agents import kill_jobs
 
-from launcher import holder
+from launcher import cmdserver, holder
 from launcher import home as home_mod
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable  # the venv's interpreter: what every test job runs
+LAUNCH_SCRIPT = str(Path(sys.executable).parent / "launch")  # the installed entry point
 
 
 def agent_command() -> str:
@@ -116,6 +117,35 @@ class LaunchHome:
         )
         return Result(argv, proc.returncode, proc.stdout, proc.stderr)
 
+    def run_script(self, *args: str, cwd: Path | None = None, timeout: float = 90) -> Result:
+        """The installed `launch` script (launcher/entry.py): through the command server
+        when one runs for this home."""
+        argv = [str(a) for a in args]
+        proc = subprocess.run(
+            [LAUNCH_SCRIPT, *argv],
+            cwd=cwd or self.path,
+            env={**self.env, "LAUNCH_COMMAND_SERVER": "1"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Result(argv, proc.returncode, proc.stdout, proc.stderr)
+
+    def command_socket(self) -> Path:
+        return self.path / "run" / "cmd.sock"
+
+    def command_server(self) -> psutil.Process | None:
+        """The command server of this home, if one runs (by the pid it published)."""
+        try:
+            info = json.loads(self.command_socket().with_suffix(".pid").read_text())
+            proc = psutil.Process(info["pid"])
+        except (FileNotFoundError, ValueError, KeyError, psutil.NoSuchProcess):
+            return None
+        if abs(proc.create_time() - info["create_time"]) > 0.01:
+            return None
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+
     def holder_socket(self) -> Path:
         return self._holder_socket
 
@@ -160,6 +190,7 @@ class LaunchHome:
                     kill_jobs(state)
         finally:
             self.stop_holder()
+            cmdserver.stop_server(self.command_socket())
             shutil.rmtree(self.path, ignore_errors=True)
 
 
