@@ -40,6 +40,7 @@ from agent.store import Store
 
 log = logging.getLogger("launch-agent")
 PR_SET_PDEATHSIG = 1
+IDLE = ["chrt", "--idle", "0"] if shutil.which("chrt") else []  # util-linux; main() sets it too
 TEMP = ".tmp-"  # prefix of spares being built or dropped
 # A spare is used when at most this share of the new tree's entries differ from it;
 # beyond that, changing it costs about as much as writing the tree afresh.
@@ -117,8 +118,12 @@ class Spares:
         with contextlib.suppress(LaunchError):
             if len(self.store.get_manifest(bundle)) < MIN_ENTRIES:
                 return  # written in full in a moment anyway: not worth a process
-        args = [str(self.root), str(self.store.root), str(owner), bundle, str(self.keep)]
+        args = [
+            *(str(self.root), str(self.store.root), str(owner), bundle, str(self.keep)),
+            str(os.getpid()),
+        ]
         proc = await asyncio.create_subprocess_exec(
+            *IDLE,  # from its first instruction: its interpreter's start-up too
             sys.executable,
             "-S",
             "-m",
@@ -163,12 +168,14 @@ class Spares:
 
 
 def main() -> None:
-    """`python -m agent.spares SPARES STORE OWNER BUNDLE KEEP` (run by Spares.build)."""
-    root, store, owner, bundle, keep = sys.argv[1:]
+    """`python -m agent.spares SPARES STORE OWNER BUNDLE KEEP AGENT_PID` (Spares.build)."""
+    root, store, owner, bundle, keep, agent_pid = sys.argv[1:]
     with contextlib.suppress(OSError):  # threads started from here inherit it
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     # Ends with the agent, even one killed with SIGKILL.
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(agent_pid):  # the agent died before the line above
+        return
     logging.basicConfig(level=logging.WARNING, format="launch-agent spares: %(message)s")
     Spares(Path(root), Store(Path(store)), int(keep)).make(int(owner), bundle)
 

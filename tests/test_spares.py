@@ -265,12 +265,13 @@ def _spare_builder(agent: AgentProc) -> psutil.Process:
 
 @pytest.mark.parametrize("how", ["stop", "kill9"])
 def test_a_spare_build_ends_with_its_agent(agents: Any, how: str) -> None:
-    """The builder runs at idle priority: with every core busy it makes no progress. An
-    agent that stops (SIGTERM) stops it by pid; one killed outright takes it along
-    (PR_SET_PDEATHSIG). No helper outlives the agent, and the half-built tree is removed
-    when an agent starts on that state again."""
+    """The builder runs at idle priority. An agent that stops (SIGTERM) stops it by pid; one
+    killed outright takes it along (PR_SET_PDEATHSIG). No helper outlives the agent, and the
+    half-built tree is removed when an agent starts on that state again."""
     agent = agents(f"node-{how}")
     files = {f"d{i // 100}/f{i}.py": b"%d\n" % i for i in range(2000)}
+    # Every core busy: the builder, at idle priority, barely runs before it is held still
+    # below (so that the agent ends in the middle of a build, whatever the machine's load).
     burners = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"])
         for _ in range(os.cpu_count() or 1)
@@ -278,7 +279,11 @@ def test_a_spare_build_ends_with_its_agent(agents: Any, how: str) -> None:
     try:
         result = submit(agent, "j-spare-stop", files, ["/bin/true"])
         builder = _spare_builder(agent)
-        time.sleep(0.5)  # long enough to finish a build of this size, were it not idle
+        assert os.sched_getscheduler(builder.pid) == os.SCHED_IDLE  # from its exec on
+        # Held still once it writes its tree (its set-up, the death signal, is done).
+        spares = agent.state / "spares"
+        wait_for(lambda: any(p.name.startswith(".tmp-") for p in spares.iterdir()), interval=0.001)
+        builder.suspend()
         bundle = agent.call("status", {"job": result["job"]})["bundle"]
         spare = agent.state / "spares" / f"{UID}-{bundle}"
         assert not spare.exists()
@@ -290,7 +295,7 @@ def test_a_spare_build_ends_with_its_agent(agents: Any, how: str) -> None:
         for burner in burners:
             burner.kill()
             burner.wait()
-    # Even a killed process must be given CPU to die, and an idle one had none: now it has.
+    # SIGKILL ends a stopped process too.
     wait_for(lambda: not builder.is_running() or builder.status() == "zombie", timeout=10)
     assert not spare.exists()  # stopped, not finished
     leftovers = [p for p in (agent.state / "spares").iterdir() if p.name.startswith(".tmp-")]
