@@ -67,6 +67,10 @@ class Frozen:
     excluded: tuple[Excluded, ...]
     bytes_read: int
     files_read: int = 0
+    # When the tree has the paths of the last freeze of this directory (bundle `base`): the
+    # entries that differ from it, found without comparing the trees (see upload_bundle).
+    base: str | None = None
+    changes: tuple[Entry, ...] | None = None
 
     @property
     def bundle_id(self) -> str:
@@ -124,6 +128,7 @@ def freeze(
         read = read_all(top, scan.misses, store, max_file_size)
         scan.add_read(read)
         manifest = _store_manifest(store, scan.manifest(read.entries), cache, read.entries)
+        changes = scan.changes_since_cache(manifest, read)
         source = git.source(head, listing, scan) if head is not None and listing.git else Source()
     # The memo holds for as long as the index and HEAD do: kept unless git was asked again.
     memo = git.memo or (last.memo if last is not None else None)
@@ -139,7 +144,9 @@ def freeze(
         extra = listing.to_extra(digest, memo, attributes) if digest is not None else listing.memo
         statcache.save(cache_path, top, scan.table(read), manifest.bundle_id, extra)
     excluded = tuple(sorted(listing.excluded + scan.excluded, key=path_of))
-    return Frozen(root, manifest, source, excluded, read.bytes, read.files)
+    base = cache.bundle_id if changes is not None else None
+    since = tuple(changes) if changes is not None else None
+    return Frozen(root, manifest, source, excluded, read.bytes, read.files, base, since)
 
 
 def _check_root(root: Path) -> Path:

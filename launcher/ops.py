@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.protocol.errors import Busy, LaunchError, NodeUnreachable
 from agent.protocol.objects import Manifest, Source, object_kind
@@ -29,6 +29,9 @@ from launcher.nodes import Node, ensure_local_agents
 from launcher.placement import Candidate, busy_report, choose
 from launcher.records import JobRecord, Records
 from launcher.upload import UploadProgress, upload_bundle
+
+if TYPE_CHECKING:
+    from launcher.freeze import Frozen  # imported where a freeze runs
 
 ALPHABET = string.digits + string.ascii_lowercase
 
@@ -152,7 +155,9 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
     while True:
         try:
             nodes = await _place(opts)
-            job, conns_info, missing = await _run_on(opts, nodes, manifest, source, progress)
+            job, conns_info, missing = await _run_on(
+                opts, nodes, manifest, source, progress, frozen
+            )
             break
         except* Busy as group:
             if opts.wait is None or (deadline is not None and time.monotonic() > deadline):
@@ -209,13 +214,16 @@ async def _run_on(
     manifest: Manifest,
     source: Source,
     progress: Progress,
+    frozen: Frozen | None = None,
 ) -> tuple[str, list[str], list[list[str]]]:
     """Two phases on exactly these nodes; nothing starts unless every node prepared."""
     job = new_job_id()
     store = local_store()
     near = _last_bundle(opts)
+    # The freeze may know what changed since that bundle (it froze it last).
+    changes = frozen.changes if frozen is not None and frozen.base == near else None
     async with open_fleet(nodes) as conns:
-        missing = await upload_bundle(conns, manifest, store, progress, near)
+        missing = await upload_bundle(conns, manifest, store, progress, near, changes)
         params = {
             "job": job,
             "bundle": manifest.bundle_id,

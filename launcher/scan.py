@@ -321,6 +321,22 @@ class Scan:
         if read.unreadable:
             raise _unreadable_error(read.unreadable)
 
+    def changes_since_cache(self, manifest: Manifest, read: Read) -> list[Entry] | None:
+        """The entries of `manifest` that differ from the last freeze's (the cache's bundle),
+        when the tree has that freeze's paths: then only what was read or looked at again
+        can differ, and the tree need not be compared entry by entry. None otherwise."""
+        table = self.cache.table
+        if self.cache.bundle_id is None or manifest.paths != table.present():
+            return None
+        where, kinds, blobs, sizes = table.position(), table.kinds, table.blobs, table.sizes
+        out = []
+        for entry in [*self.others, *read.entries]:
+            i = where[entry.path]
+            old = (kinds[i], blobs[i], sizes[i], table.targets.get(entry.path))
+            if old != (entry.kind, entry.blob, entry.size, entry.target):
+                out.append(entry)
+        return sorted(out, key=path_of)
+
     def changed(self, read: Read) -> bool:
         """Whether the cache needs writing: anything was read or is new, or the list moved."""
         table = self.cache.table

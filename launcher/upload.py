@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent.protocol.errors import ObjectMissing
-from agent.protocol.objects import Manifest, delta
+from agent.protocol.objects import Entry, Manifest, delta
 from launcher.fleet import NodeConn, on_each
 
 BATCH_BYTES = 16 * 2**20
@@ -37,18 +37,25 @@ async def upload_bundle(
     store: Any,
     progress: UploadProgress | None = None,
     base: str | None = None,
+    changes: Sequence[Entry] | None = None,
 ) -> list[list[str]]:
     """Give every node the manifest and the blobs it lacks (from the local store); returns
     the blobs each node was sent. With `base`, a bundle the nodes probably hold (the last one
     sent from this tree), the manifest travels as its changes to that one, with the content
     they add when it is small: a node then decodes and checks only what changed, not
-    thousands of entries, and a small change needs no second round trip."""
+    thousands of entries, and a small change needs no second round trip. `changes`, when
+    given, are the entries that differ from `base` with the same paths (what a freeze saw):
+    then the trees are not compared here either."""
     progress = progress or UploadProgress()
     full = {"manifest": manifest.encode()}  # once, not once per node
     sizes = {e.blob: e.size for e in manifest.entries}
     change = None
     if base is not None and base != manifest.bundle_id and store.has(base):
-        puts, deletes, added = delta(store.get(base), manifest)
+        if changes is not None:
+            puts, deletes = [e.to_wire() for e in changes], list[str]()
+            added = sorted({e.blob for e in changes if e.kind != "symlink"})
+        else:
+            puts, deletes, added = delta(store.get(base), manifest)
         change = {"base": base, "bundle": manifest.bundle_id, "puts": puts, "deletes": deletes}
         # The content the changes add goes with them when it is small: one round trip less.
         if sum(sizes[b] for b in added) <= INLINE_BYTES:

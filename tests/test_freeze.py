@@ -410,11 +410,17 @@ def test_a_changed_file_is_the_only_one_read_again(
     second = freeze(tree, store, cache_path=cache)
     assert (second.files_read, second.bytes_read) == (1, len("# changed\n"))
     assert [c.path for c in diff(first.manifest, second.manifest)] == ["pkg/m7.py"]
+    # What changed since the last freeze is known without comparing the trees.
+    assert second.base == first.bundle_id and second.changes is not None
+    assert [(e.path, e.blob) for e in second.changes] == [
+        (c.path, c.new.blob) for c in diff(first.manifest, second.manifest) if c.new
+    ]
     os.utime(tree / "train.py", (HOUR_AGO, HOUR_AGO + 1))  # touched, same bytes
     third = freeze(tree, store, cache_path=cache)
     # Read again, unless git vouches for the bytes (it compared them with its index).
     assert third.files_read == (0 if (tree / ".git").exists() else 1)
     assert third.bundle_id == second.bundle_id
+    assert (third.base, third.changes) == (second.bundle_id, ())  # read again, not changed
 
 
 def test_added_and_removed_files_with_a_warm_cache(
@@ -428,6 +434,7 @@ def test_added_and_removed_files_with_a_warm_cache(
     frozen = freeze(tree, store, cache_path=cache)
     assert frozen.files_read == 1
     assert "extra/new.py" in paths(frozen) and "pkg/m3.py" not in paths(frozen)
+    assert frozen.changes is None  # other paths: the trees are compared where it matters
     assert frozen.bundle_id == freeze(tree, store).bundle_id  # same as without a cache
 
 
