@@ -209,8 +209,13 @@ class Store:
         if encoded is None:
             encoded = manifest.encode()
             manifest = Manifest.decode(encoded)
-        bundle = blob_id(encoded)
-        self.put(bundle, encoded)
+        elif encoded is not manifest.encode() and encoded != manifest.encode():
+            raise InvalidManifest("the bytes given are not this manifest's encoding", "")
+        # Its id is the hash of exactly these bytes (taken once per manifest: a delta's was
+        # taken when it was checked against the id the launcher named).
+        bundle = manifest.bundle_id
+        if not self.has(bundle):
+            self._write({bundle: encoded}, batch_sync=False)
         self._remember(bundle, manifest)
         return bundle
 

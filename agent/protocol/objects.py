@@ -456,24 +456,67 @@ def from_delta(
     except PathNotFound as exc:
         raise InvalidManifest(f"delta deletes {exc.path}, absent from its base", exc.path) from None
     encoded = new.encode()
-    if blob_id(encoded) != bundle:
+    actual = blob_id(encoded)
+    if actual != bundle:
         raise InvalidManifest(
             f"the changes to {short(base.bundle_id)} do not make {short(bundle)}", bundle
         )
+    object.__setattr__(new, "_bundle_id", actual)  # hashed once
     return new, encoded
 
 
 def _replace(manifest: Manifest, puts: list[Entry]) -> Manifest:
     """apply_changes when every put replaces an entry: the tree's shape is unchanged, so
-    nothing but the entries themselves needs checking, and the names carry over."""
+    nothing but the entries themselves needs checking, and the names carry over. So does
+    the encoding, but for the replaced entries (see _splice)."""
     entries = list(manifest.entries)
+    replaced = {}
     for entry in puts:
-        entries[bisect.bisect_left(manifest.paths, entry.check().path)] = entry
+        i = bisect.bisect_left(manifest.paths, entry.check().path)
+        entries[i] = replaced[i] = entry
     result = Manifest(tuple(entries))
     object.__setattr__(result, "_paths", manifest.paths)
     if "_index" in manifest.__dict__:
         object.__setattr__(result, "_index", manifest.index)
+    if "_encoded" in manifest.__dict__ and len(replaced) <= SPLICE_MAX:
+        _splice(manifest, result, replaced)
     return result
+
+
+SPLICE_MAX = 64  # replaced entries up to which an encoding is patched rather than rebuilt
+
+
+def _offsets(manifest: Manifest) -> list[int]:
+    """Where each entry's encoding starts in manifest.encode(), and where the last ends: the
+    encoding is a header, then each entry packed on its own (msgpack has no separators)."""
+    cached: list[int] | None = manifest.__dict__.get("_offsets")
+    if cached is None:
+        sizes = [len(msgpack.packb(e.to_wire(), use_bin_type=True)) for e in manifest.entries]
+        start = len(manifest.encode()) - sum(sizes)
+        cached = list(itertools.accumulate(sizes, initial=start))
+        object.__setattr__(manifest, "_offsets", cached)
+    return cached
+
+
+def _splice(base: Manifest, result: Manifest, replaced: dict[int, Entry]) -> None:
+    """Give `result` (base with the entries at these indices replaced) its encoding, made by
+    replacing those entries' bytes in base's: a resubmit that changed one file then costs
+    the node one entry's packing instead of the whole tree's. Its offsets come along."""
+    offsets = _offsets(base)
+    old = base.encode()
+    parts: list[bytes] = []
+    new_offsets = list(offsets)
+    at = 0
+    for i in sorted(replaced):
+        packed = msgpack.packb(replaced[i].to_wire(), use_bin_type=True)
+        parts += (old[at : offsets[i]], packed)
+        at = offsets[i + 1]
+        grown = len(packed) - (offsets[i + 1] - offsets[i])
+        if grown:
+            new_offsets[i + 1 :] = [o + grown for o in new_offsets[i + 1 :]]
+    parts.append(old[at:])
+    object.__setattr__(result, "_encoded", b"".join(parts))
+    object.__setattr__(result, "_offsets", new_offsets)
 
 
 def changes(manifest: Manifest, puts: Iterable[Entry], deletes: Iterable[str]) -> list[Change]:
