@@ -279,11 +279,11 @@ def test_a_spare_build_ends_with_its_agent(agents: Any, how: str) -> None:
     try:
         result = submit(agent, "j-spare-stop", files, ["/bin/true"])
         builder = _spare_builder(agent)
-        assert os.sched_getscheduler(builder.pid) == os.SCHED_IDLE  # from its exec on
         # Held still once it writes its tree (its set-up, the death signal, is done).
         spares = agent.state / "spares"
         wait_for(lambda: any(p.name.startswith(".tmp-") for p in spares.iterdir()), interval=0.001)
         builder.suspend()
+        assert os.sched_getscheduler(builder.pid) == os.SCHED_IDLE
         bundle = agent.call("status", {"job": result["job"]})["bundle"]
         spare = agent.state / "spares" / f"{UID}-{bundle}"
         assert not spare.exists()
