@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import json
 import os
 import secrets
 import selectors
@@ -28,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from launcher import pidfile
 from launcher.entry import Frames, code_key, frame
 
 IDLE_S = 600.0
@@ -55,7 +55,7 @@ def serve(path: Path, idle_s: float = IDLE_S) -> None:
         preload()
         key = code_key()
         listener = _bind(path)
-        _publish_pid(path)
+        pidfile.publish(pid_path(path))
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -201,30 +201,10 @@ def pid_path(path: Path) -> Path:
     return path.with_suffix(".pid")
 
 
-def _publish_pid(path: Path) -> None:
-    import psutil
-
-    me = psutil.Process()
-    temp = pid_path(path).with_suffix(".tmp")
-    temp.write_text(json.dumps({"pid": me.pid, "create_time": me.create_time()}))
-    temp.replace(pid_path(path))
-
-
 def stop_server(path: Path) -> bool:
     """Stop the command server of socket `path` by the pid it published (checked against its
     start time); its workers finish their commands."""
-    import psutil
-
-    try:
-        info = json.loads(pid_path(path).read_text())
-        proc = psutil.Process(info["pid"])
-        if abs(proc.create_time() - info["create_time"]) > 0.01:
-            return False
-        proc.terminate()
-        proc.wait(10)
-        return True
-    except (FileNotFoundError, psutil.NoSuchProcess, json.JSONDecodeError, KeyError):
-        return False
+    return pidfile.stop(pid_path(path))
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ import msgpack
 from agent.protocol import errors
 from agent.protocol.errors import LaunchError, NodeUnreachable
 from agent.protocol.rpc import HEADER
+from launcher import pidfile
 
 IDLE_S = float(os.environ.get("LAUNCH_HOLDER_IDLE", "600"))
 MAX_HEADER_FRAME = 64 * 1024
@@ -100,7 +100,7 @@ class Holder:
             os.umask(old)
         listener.listen(64)
         listener.setblocking(False)
-        _publish_pid(self.path)
+        pidfile.publish(_pid_path(self.path))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop)
@@ -179,15 +179,6 @@ def _pid_path(sock: Path) -> Path:
     return sock.with_suffix(".pid")
 
 
-def _publish_pid(sock: Path) -> None:
-    import psutil
-
-    me = psutil.Process()
-    tmp = _pid_path(sock).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": me.pid, "create_time": me.create_time()}))
-    tmp.replace(_pid_path(sock))
-
-
 # ------------------------------------------------------------------ used by the CLI side
 
 
@@ -253,18 +244,7 @@ def start_holder(sock: Path, timeout: float = 10.0) -> None:
 
 def stop_holder(sock: Path) -> bool:
     """Stop the holder by the pid it published (checked against its start time)."""
-    import psutil
-
-    try:
-        info = json.loads(_pid_path(sock).read_text())
-        proc = psutil.Process(info["pid"])
-        if abs(proc.create_time() - info["create_time"]) > 0.01:
-            return False
-        proc.terminate()
-        proc.wait(10)
-        return True
-    except (FileNotFoundError, psutil.NoSuchProcess, json.JSONDecodeError):
-        return False
+    return pidfile.stop(_pid_path(sock))
 
 
 def main() -> None:

@@ -54,3 +54,13 @@ def lh() -> Iterator[LaunchHome]:
     """One LAUNCH_HOME with two local agents for a test module; all stopped by pid after."""
     with local_agents(2) as home:
         yield home
+
+
+@pytest.fixture
+def fresh() -> Iterator[LaunchHome]:
+    """A LAUNCH_HOME of its own: nothing started in it beforehand."""
+    home = LaunchHome()
+    try:
+        yield home
+    finally:
+        home.close()

@@ -11,23 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
 from launcher_env import LAUNCH_SCRIPT, LaunchHome, local_agents, wait_until, write_tree
 
 import launcher
-
-
-@pytest.fixture
-def lh() -> Iterator[LaunchHome]:
-    home = LaunchHome()
-    try:
-        yield home
-    finally:
-        home.close()
 
 
 def serving(lh: LaunchHome) -> psutil.Process:
@@ -40,7 +29,8 @@ def serving(lh: LaunchHome) -> psutil.Process:
     return server
 
 
-def test_a_command_through_the_server_is_the_same_command(lh: LaunchHome, tmp_path: Path):
+def test_a_command_through_the_server_is_the_same_command(fresh: LaunchHome, tmp_path: Path):
+    lh = fresh
     server = serving(lh)
     tree = write_tree(tmp_path / "src", {"train.py": "print('hi')\n", "data/a.txt": "a\n"})
 
@@ -102,7 +92,8 @@ def test_ctrl_c_reaches_the_command_in_the_worker(tmp_path: Path):
 LOOP = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.2)\n"
 
 
-def test_a_server_of_other_code_leaves_and_the_command_still_runs(lh: LaunchHome):
+def test_a_server_of_other_code_leaves_and_the_command_still_runs(fresh: LaunchHome):
+    lh = fresh
     server = serving(lh)
     module = Path(launcher.__file__)
     before = module.stat()
@@ -118,7 +109,8 @@ def test_a_server_of_other_code_leaves_and_the_command_still_runs(lh: LaunchHome
         os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
-def test_a_dead_server_never_fails_a_command(lh: LaunchHome):
+def test_a_dead_server_never_fails_a_command(fresh: LaunchHome):
+    lh = fresh
     server = serving(lh)
     server.kill()
     server.wait(10)

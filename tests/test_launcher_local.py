@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -214,16 +213,6 @@ def test_unchanged_tree_sends_no_blobs_and_one_change_sends_one(
 
 
 # -------------------------------------------------------------------------------- errors
-
-
-@pytest.fixture
-def fresh() -> Iterator[LaunchHome]:
-    """A LAUNCH_HOME of its own: nothing started in it beforehand."""
-    home = LaunchHome()
-    try:
-        yield home
-    finally:
-        home.close()
 
 
 @pytest.mark.parametrize(
