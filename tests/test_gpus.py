@@ -161,12 +161,8 @@ class Cluster:
 
 
 @pytest.fixture
-def lh() -> Iterator[LaunchHome]:
-    home = LaunchHome()
-    try:
-        yield home
-    finally:
-        home.close()
+def lh(fresh: LaunchHome) -> LaunchHome:
+    return fresh
 
 
 @pytest.fixture
