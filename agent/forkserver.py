@@ -31,9 +31,8 @@ import traceback
 from pathlib import Path
 
 from agent import shim
-from agent.paths import JobPaths
+from agent.paths import JobPaths, die_with_agent
 
-PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 MAX_MESSAGE = 4096
 SPAWN_TIMEOUT_S = 10.0
@@ -83,8 +82,12 @@ class ForkServer:
             self.proc = subprocess.Popen(
                 # -S: no site start-up; helper_env's PYTHONPATH names what it imports.
                 [
-                    *(sys.executable, "-S", "-m", "agent.forkserver"),
-                    *(str(theirs.fileno()), str(os.getpid())),
+                    sys.executable,
+                    "-S",
+                    "-m",
+                    "agent.forkserver",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -193,8 +196,7 @@ def _fork(paths: JobPaths, close: tuple[socket.socket, int, int]) -> int:
 def main() -> None:
     """`python -S -m agent.forkserver FD AGENT_PID` (started by ForkServer)."""
     fd, agent_pid = map(int, sys.argv[1:])
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != agent_pid:  # the agent died before the line above: leave now
+    if not die_with_agent(agent_pid):
         return
     sock = socket.socket(fileno=fd)
     with contextlib.suppress(KeyboardInterrupt):

@@ -33,13 +33,24 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def helper_env() -> dict[str, str]:
-    """The environment of the agent's own helper processes (`python -S -m agent.shim`,
+    """The environment of the agent's own helper processes (`python -S -m agent.forkserver`,
     `-m agent.spares`): no site start-up, so PYTHONPATH names the two places they import
     from, this package and psutil. Never passed on to a job."""
     import psutil
 
     roots = [Path(__file__).resolve().parent.parent, Path(psutil.__file__).resolve().parent.parent]
     return {"PATH": BASE_PATH, "PYTHONPATH": os.pathsep.join(map(str, roots)), "LANG": "C.UTF-8"}
+
+
+def die_with_agent(agent_pid: int) -> bool:
+    """In a helper process: be killed when the agent that started it ends, even by SIGKILL
+    (PR_SET_PDEATHSIG). False when the agent is already gone (it died before the death
+    signal was set): the helper should leave at once."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    return os.getppid() == agent_pid
 
 
 def check_job_id(job: str) -> str:

@@ -22,24 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from agent import codedir
-from agent.paths import helper_env
+from agent.paths import die_with_agent, helper_env
 from agent.protocol.errors import LaunchError
 from agent.protocol.objects import Manifest, diff
 from agent.store import Store
 
 log = logging.getLogger("launch-agent")
-PR_SET_PDEATHSIG = 1
 IDLE = ["chrt", "--idle", "0"] if shutil.which("chrt") else []  # util-linux; main() sets it too
 TEMP = ".tmp-"  # prefix of spares being built or dropped
 # A spare is used when at most this share of the new tree's entries differ from it;
@@ -118,10 +115,7 @@ class Spares:
         with contextlib.suppress(LaunchError):
             if len(self.store.get_manifest(bundle)) < MIN_ENTRIES:
                 return  # written in full in a moment anyway: not worth a process
-        args = [
-            *(str(self.root), str(self.store.root), str(owner), bundle, str(self.keep)),
-            str(os.getpid()),
-        ]
+        args = [str(self.root), str(self.store.root), str(owner), bundle, str(self.keep)]
         proc = await asyncio.create_subprocess_exec(
             *IDLE,  # from its first instruction: its interpreter's start-up too
             sys.executable,
@@ -129,6 +123,7 @@ class Spares:
             "-m",
             "agent.spares",
             *args,
+            str(os.getpid()),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             env=helper_env(),
@@ -172,9 +167,7 @@ def main() -> None:
     root, store, owner, bundle, keep, agent_pid = sys.argv[1:]
     with contextlib.suppress(OSError):  # threads started from here inherit it
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    # Ends with the agent, even one killed with SIGKILL.
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != int(agent_pid):  # the agent died before the line above
+    if not die_with_agent(int(agent_pid)):
         return
     logging.basicConfig(level=logging.WARNING, format="launch-agent spares: %(message)s")
     Spares(Path(root), Store(Path(store)), int(keep)).make(int(owner), bundle)

@@ -145,8 +145,7 @@ def freeze(
         statcache.save(cache_path, top, scan.table(read), manifest.bundle_id, extra)
     excluded = tuple(sorted(listing.excluded + scan.excluded, key=path_of))
     base = cache.bundle_id if changes is not None else None
-    since = tuple(changes) if changes is not None else None
-    return Frozen(root, manifest, source, excluded, read.bytes, read.files, base, since)
+    return Frozen(root, manifest, source, excluded, read.bytes, read.files, base, changes)
 
 
 def _check_root(root: Path) -> Path:

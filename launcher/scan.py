@@ -321,7 +321,7 @@ class Scan:
         if read.unreadable:
             raise _unreadable_error(read.unreadable)
 
-    def changes_since_cache(self, manifest: Manifest, read: Read) -> list[Entry] | None:
+    def changes_since_cache(self, manifest: Manifest, read: Read) -> tuple[Entry, ...] | None:
         """The entries of `manifest` that differ from the last freeze's (the cache's bundle),
         when the tree has that freeze's paths: then only what was read or looked at again
         can differ, and the tree need not be compared entry by entry. None otherwise."""
@@ -335,7 +335,7 @@ class Scan:
             old = (kinds[i], blobs[i], sizes[i], table.targets.get(entry.path))
             if old != (entry.kind, entry.blob, entry.size, entry.target):
                 out.append(entry)
-        return sorted(out, key=path_of)
+        return tuple(sorted(out, key=path_of))
 
     def changed(self, read: Read) -> bool:
         """Whether the cache needs writing: anything was read or is new, or the list moved."""

@@ -73,6 +73,7 @@ class Table:
     _stats: Sequence[int] = ()  # size, mtime_ns... flat, when loaded
     _racy_after: int = 0  # mtimes at or after this are racy (see the module's docstring)
     _position: dict[str, int] | None = None
+    _present: list[str] | None = None
 
     @classmethod
     def of_stats(
@@ -85,9 +86,8 @@ class Table:
         targets: dict[str, str],
         vouched: Sequence[int],
     ) -> Table:
-        """A table of stats to save as they are (none is racy-adjusted: see raw_stats)."""
-        table = cls(paths, None, kinds, blobs, git_blobs, targets, vouched, stats, _NEVER_RACY)
-        return table
+        """A table to save with these stats, flat, as they were taken (none racy-adjusted)."""
+        return cls(paths, None, kinds, blobs, git_blobs, targets, vouched, stats, _NEVER_RACY)
 
     def raw_stats(self) -> Sequence[int]:
         """The stats, flat, as they were taken (a racy row's mtime included)."""
@@ -95,9 +95,19 @@ class Table:
             return self._stats
         return [field for key in self._keys for field in key]
 
+    def flat_keys(self) -> Sequence[int]:
+        """The keys, flat, as key() gives them (a racy row's mtime -1): what a save writes."""
+        if self._keys is None and self._racy_after == _NEVER_RACY:
+            return self._stats  # nothing to adjust
+        return [field for key in self.keys for field in key]
+
     def present(self) -> list[str]:
-        """The paths that were in the tree (not left out), in order."""
-        return [path for path, kind in zip(self.paths, self.kinds, strict=True) if kind]
+        """The paths that were in the tree (not left out), in order (built once: a freeze
+        compares them with its manifest's twice)."""
+        if self._present is None:
+            kinds = zip(self.paths, self.kinds, strict=True)
+            self._present = [path for path, kind in kinds if kind]
+        return self._present
 
     def key(self, i: int) -> Key:
         if self._keys is not None:
@@ -186,10 +196,7 @@ def save(path: Path, root: str, table: Table, bundle_id: str | None, extra: Any 
     """Write the cache atomically (temp file, rename). The write time is taken after every
     stat it holds was taken, which is what the racy rule needs. `extra` must be msgpack
     made of arrays, strings, bytes, integers, booleans and None."""
-    if table._keys is None and table._racy_after == _NEVER_RACY:  # saved as taken
-        stats: Sequence[int] = table._stats
-    else:
-        stats = [field for key in table.keys for field in key]
+    stats = table.flat_keys()
     kinds = "".join(_KIND_CODES[kind] for kind in table.kinds)
     links = (p for p, k in zip(table.paths, table.kinds, strict=True) if k == "symlink")
     body: list[Any] = [
