@@ -111,6 +111,17 @@ class AgentProc:
             self.proc.wait(10)
 
 
+def children(pid: int, marker: str) -> list[psutil.Process]:
+    """The children of `pid` whose command line contains `marker` (one that ends while it is
+    looked at is left out)."""
+    found = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+            if marker in " ".join(child.cmdline()):
+                found.append(child)
+    return found
+
+
 def stop_processes(procs: list[psutil.Process], grace: float) -> None:
     """SIGTERM each, SIGKILL those still there after `grace` seconds, and reap them."""
     for proc in procs:

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
-from agents import REPO, AgentProc, wait_for
+from agents import REPO, AgentProc, children, wait_for
 
 from agent.paths import StatePaths
 from agent.protocol.errors import JobNotFound, JobStateError, ObjectMissing
@@ -669,7 +669,7 @@ async def test_a_thousand_short_jobs_leak_nothing(agents):
     # The fork server that started the shims (agent/forkserver.py) stays; it must have
     # reaped them all.
     def helpers() -> list[psutil.Process]:
-        return [p for p in agent_proc.children() if "agent.forkserver" not in " ".join(p.cmdline())]
+        return [p for p in agent_proc.children() if p not in children(agent.pid, "forkserver")]
 
     def zombies() -> list[psutil.Process]:
         return [

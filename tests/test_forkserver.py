@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 
 import psutil
-from agents import AgentProc, wait_for
+from agents import AgentProc, children, wait_for
 from test_agent_jobs import COUNTER, alive, job_paths, log_bytes, run_job, wait_ended
 
 
 def fork_servers(agent: AgentProc) -> list[psutil.Process]:
     """The agent's fork server processes (one, once a job has started)."""
     assert agent.proc is not None
-    children = psutil.Process(agent.proc.pid).children()
-    return [p for p in children if "agent.forkserver" in " ".join(p.cmdline())]
+    return children(agent.proc.pid, "agent.forkserver")
 
 
 def shim_of(agent: AgentProc, job: str) -> psutil.Process:

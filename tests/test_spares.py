@@ -3,7 +3,6 @@ base): the fast paths of a resubmit must give exactly the tree a full build give
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import subprocess
@@ -14,7 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
-from agents import AgentProc, wait_for
+from agents import AgentProc, children, wait_for
 from conftest import submit
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -254,11 +253,7 @@ def _spare_builder(agent: AgentProc) -> psutil.Process:
     """The agent's spare-building helper process, once it runs."""
 
     def found() -> psutil.Process | None:
-        for child in psutil.Process(agent.pid).children():
-            with contextlib.suppress(psutil.Error):
-                if "agent.spares" in child.cmdline():
-                    return child
-        return None
+        return next(iter(children(agent.pid, "agent.spares")), None)
 
     return wait_for(found, timeout=20, interval=0.005)  # type: ignore[no-any-return]
 
@@ -310,6 +305,4 @@ def test_no_spare_for_a_small_tree(agent: AgentProc) -> None:
     bundle = agent.call("status", {"job": "j-small"})["bundle"]
     time.sleep(1.0)  # well past the moment a spare's build would have begun
     assert not (agent.state / "spares" / f"{UID}-{bundle}").exists()
-    assert not any(
-        "agent.spares" in " ".join(p.cmdline()) for p in psutil.Process(agent.pid).children()
-    )
+    assert children(agent.pid, "agent.spares") == []
