@@ -23,6 +23,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,7 @@ def _worker(
         os.environ.update({str(k): str(v) for k, v in request["env"].items()})
         sys.argv = [str(a) for a in request["argv"]]
         conn.sendall(frame({"pid": os.getpid()}))
+        _interrupt_when_gone(conn)
         code = _run_cli()
         conn.sendall(frame({"exit": code}))
     except BaseException:
@@ -167,6 +169,19 @@ def _worker(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _interrupt_when_gone(conn: socket.socket) -> None:
+    """A client that ends before its command (killed: it forwards the signals it can catch)
+    interrupts the command as Ctrl-C would, rather than leave it running for nobody."""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(1):
+                pass
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="client", daemon=True).start()
 
 
 def _run_cli() -> int:

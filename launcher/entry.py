@@ -91,24 +91,37 @@ def via_server() -> int | None:
             "env": dict(os.environ),
             "umask": _umask(),
         }
+        # Signals are forwarded to the worker; one that comes before the worker is known
+        # (Ctrl-C at once) is kept and forwarded then, or, if the command runs here after
+        # all, delivered here.
+        worker: list[int] = []
+        pending: list[int] = []
+
+        def forward(signum: int, _frame: Any) -> None:
+            if not worker:
+                pending.append(signum)
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker[0], signum)
+
+        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
         frames = Frames(sock)
         try:
             socket.send_fds(sock, [frame(request)], [0, 1, 2])
             reply = frames.next()
         except (OSError, ValueError):  # a closed descriptor to pass, a server gone away
-            return None
+            reply = None
         if reply is None or "pid" not in reply:
             if reply is not None and reply.get("stale"):
                 start_server(path)  # the stale one is leaving: one with this code, for later
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for caught in pending:
+                signal.raise_signal(caught)
             return None
-        worker = int(reply["pid"])
-
-        def forward(signum: int, _frame: Any) -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signum)
-
-        for signum in FORWARDED:
-            signal.signal(signum, forward)
+        worker.append(int(reply["pid"]))
+        for caught in pending:
+            forward(caught, None)
         try:
             reply = frames.next()
         except (OSError, ValueError):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from launcher_env import LAUNCH_SCRIPT, LaunchHome, local_agents, wait_until, write_tree
 
 import launcher
@@ -58,7 +59,10 @@ def test_a_command_through_the_server_is_the_same_command(fresh: LaunchHome, tmp
     assert lh.command_server() == server  # one server served all of them
 
 
-def test_ctrl_c_reaches_the_command_in_the_worker(tmp_path: Path):
+@pytest.mark.parametrize("how", ["ctrl-c", "killed"])
+def test_the_command_in_the_worker_ends_with_its_caller(tmp_path: Path, how: str):
+    """Ctrl-C reaches the worker (exit 130, as in-process); a caller killed outright (it
+    cannot forward SIGKILL) interrupts its worker too, which never runs on for nobody."""
     with local_agents(1) as lh:
         serving(lh)
         src = write_tree(tmp_path / "src", {"loop.py": LOOP})
@@ -79,9 +83,13 @@ def test_ctrl_c_reaches_the_command_in_the_worker(tmp_path: Path):
                 server = lh.command_server()
                 assert server is not None
                 (worker,) = server.children()  # the command runs in the server's worker
-                follow.send_signal(signal.SIGINT)
-                assert follow.wait(20) == 130
-                assert "launch: interrupted" in follow.stderr.read()
+                if how == "ctrl-c":
+                    follow.send_signal(signal.SIGINT)
+                    assert follow.wait(20) == 130
+                    assert "launch: interrupted" in follow.stderr.read()
+                else:
+                    follow.kill()
+                    follow.wait(20)
                 assert wait_until(lambda: not worker.is_running() or worker.status() == "zombie")
             finally:
                 if follow.poll() is None:
