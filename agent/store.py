@@ -45,13 +45,15 @@ from agent.protocol.objects import (
 )
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-COPY_THREADS = 4
 MANIFEST_MEMO = 8  # decoded manifests kept in memory, most recent last
-# Materialising: directories go to the copy threads in chunks of up to FILL_CHUNK_FILES files
-# or FILL_CHUNK_DIRS directories (one descriptor each), at most FILL_AHEAD chunks ahead.
-FILL_CHUNK_FILES = 64
-FILL_CHUNK_DIRS = 16
-FILL_AHEAD = 8
+# Materialising: files of THREAD_COPY_BYTES or more are copied on COPY_THREADS threads (at
+# most COPY_AHEAD waiting), several at a time; smaller ones on the calling thread. Creating
+# and filling a small file is a few short system calls, each of which hands the GIL to
+# another thread: measured on tmpfs with a 6,809-file tree, four threads took 0.33 s of wall
+# and 0.43 s of CPU where one took 0.21 s and 0.23 s.
+COPY_THREADS = 4
+COPY_AHEAD = 16
+THREAD_COPY_BYTES = 256 * 1024
 MIN_PREFIX = 4
 _HEX = frozenset("0123456789abcdef")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -102,16 +104,18 @@ class Store:
         return self.objects / object_id[:2] / object_id[2:]
 
     def has(self, object_id: str) -> bool:
-        if object_id in self._present:
-            return True
-        if os.path.isfile(self._file(object_id)):
+        return object_id in self._present or self._has(check_object_id(object_id))
+
+    def _has(self, object_id: str) -> bool:
+        """has() for an id already checked."""
+        if object_id in self._present or os.path.isfile(self._file(object_id)):
             self._present.add(object_id)
             return True
         return False
 
     def _file(self, object_id: str) -> str:
-        """path() as a string, without pathlib's cost (thousands of calls per manifest)."""
-        check_object_id(object_id)
+        """path() as a string, without pathlib's cost (thousands of calls per manifest), for
+        an id already checked (by has(), Entry.check() or its bytes' hash)."""
         return f"{self._objects}/{object_id[:2]}/{object_id[2:]}"
 
     def missing(self, ids: Iterable[str]) -> list[str]:
@@ -125,7 +129,7 @@ class Store:
         leaves neither an object nor a temp file.
         """
         _verify(object_id, data)
-        if self.has(object_id):
+        if self._has(object_id):
             return False
         return self._write({object_id: data}, batch_sync=False) == 1
 
@@ -140,15 +144,17 @@ class Store:
         for object_id, data in items:
             _verify(object_id, data)
             pending[object_id] = data
-        pending = {i: d for i, d in pending.items() if not self.has(i)}
+        pending = {i: d for i, d in pending.items() if not self._has(i)}
         return self._write(pending, batch_sync=len(pending) > 1 and _SYNCFS is not None)
 
     def _write(self, pending: dict[str, bytes], batch_sync: bool) -> int:
         """Temp files, sync, rename into place, fsync each touched directory once."""
         temps: list[tuple[str, str]] = []
+        chmod = not modes_exact()
         try:
             for object_id, data in pending.items():
-                temps.append((object_id, self._write_temp(object_id, data, not batch_sync)))
+                temp = self._write_temp(object_id, data, not batch_sync, chmod)
+                temps.append((object_id, temp))
             if batch_sync and temps:
                 _syncfs(str(self.tmp))
             # String paths, and each shard looked at once per batch: thousands of objects.
@@ -173,13 +179,14 @@ class Store:
                         os.unlink(temp)
         return len(temps)
 
-    def _write_temp(self, object_id: str, data: bytes, fsync: bool) -> str:
+    def _write_temp(self, object_id: str, data: bytes, fsync: bool, chmod: bool) -> str:
         # Read-only from creation: the object is never visible with a writable mode.
         temp = f"{self.tmp}/{object_id[:16]}.{os.getpid()}.{secrets.token_hex(8)}"
         fd = os.open(temp, _NEW_FILE, 0o444)
         try:
             _write_all(fd, data)
-            os.fchmod(fd, 0o444)
+            if chmod:
+                os.fchmod(fd, 0o444)
             if fsync:
                 os.fsync(fd)
         except BaseException:
@@ -191,12 +198,17 @@ class Store:
 
     def get(self, object_id: str) -> bytes:
         """An object's bytes: ObjectMissing if absent, ChecksumMismatch if the file is corrupt."""
-        try:
-            data = self.path(object_id).read_bytes()
-        except FileNotFoundError:
-            raise ObjectMissing(object_id) from None
+        data = self.read(object_id)
         _verify(object_id, data)
         return data
+
+    def read(self, object_id: str) -> bytes:
+        """An object's bytes, not hashed again: for sending them to a node, which verifies
+        what it stores. ObjectMissing if absent."""
+        try:
+            return self.path(object_id).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(object_id) from None
 
     def put_manifest(self, manifest: Manifest, encoded: bytes | None = None) -> str:
         """Store a manifest as an object; returns its bundle id.
@@ -314,71 +326,55 @@ class Store:
         dirs = sorted({p[:n] for p in groups for n in range(1, len(p) + 1)})
         root_fd = _open_dest(Path(dest))
         clone = _Cloner()
+        chmod = not modes_exact()
         try:
             with ThreadPoolExecutor(COPY_THREADS) as pool:
                 pending: collections.deque[Future[None]] = collections.deque()
-                # Directories go to the copy threads in chunks (a task per directory costs
-                # more than its one or two files), each with its own descriptor of it,
-                # closed by the worker: at most FILL_AHEAD chunks are waiting.
-                chunk: list[tuple[int, list[Entry]]] = []
-                chunk_files = [0]
-
-                def flush() -> None:
-                    if chunk:
-                        pending.append(pool.submit(self._fill_dirs, list(chunk), clone))
-                        chunk.clear()
-                        chunk_files[0] = 0
-                        while len(pending) > FILL_AHEAD:
-                            pending.popleft().result()
 
                 def fill(parts: tuple[str, ...], dir_fd: int) -> None:
-                    entries = groups.get(parts)
-                    if entries:
-                        chunk.append((os.dup(dir_fd), entries))
-                        chunk_files[0] += len(entries)
-                        if chunk_files[0] >= FILL_CHUNK_FILES or len(chunk) >= FILL_CHUNK_DIRS:
-                            flush()
+                    for entry in groups.get(parts, ()):
+                        if entry.size < THREAD_COPY_BYTES:
+                            self._create(dir_fd, entry, clone, chmod)
+                            continue
+                        pending.append(
+                            pool.submit(self._create_closing, os.dup(dir_fd), entry, clone, chmod)
+                        )
+                        while len(pending) > COPY_AHEAD:
+                            pending.popleft().result()
 
+                fill((), root_fd)
+                # Sorted tuples are a depth-first pre-order: each directory is made through a
+                # descriptor of its parent, opened once (no walk from the root per directory).
+                stack: list[tuple[tuple[str, ...], int]] = []
                 try:
-                    fill((), root_fd)
-                    # Sorted tuples are a depth-first pre-order: each directory is made
-                    # through a descriptor of its parent, opened once (no walk from the root
-                    # per directory).
-                    stack: list[tuple[tuple[str, ...], int]] = []
-                    try:
-                        for parts in dirs:
-                            while stack and stack[-1][0] != parts[:-1]:
-                                os.close(stack.pop()[1])
-                            fd = _make_child(stack[-1][1] if stack else root_fd, parts)
-                            stack.append((parts, fd))
-                            fill(parts, fd)
-                    finally:
-                        for _, fd in stack:
-                            os.close(fd)
-                    flush()
+                    for parts in dirs:
+                        while stack and stack[-1][0] != parts[:-1]:
+                            os.close(stack.pop()[1])
+                        fd = _make_child(stack[-1][1] if stack else root_fd, parts, chmod)
+                        stack.append((parts, fd))
+                        fill(parts, fd)
                 finally:
-                    for fd, _ in chunk:  # never handed to a worker
+                    for _, fd in stack:
                         os.close(fd)
                 while pending:
                     pending.popleft().result()
         finally:
             os.close(root_fd)
 
-    def _fill_dirs(self, dirs: list[tuple[int, list[Entry]]], clone: _Cloner) -> None:
-        """Create the files and symlinks of some directories, each through a descriptor of
-        it; closes every descriptor."""
+    def _create_closing(self, dir_fd: int, entry: Entry, clone: _Cloner, chmod: bool) -> None:
+        """_create on a copy thread, with a descriptor of the directory of its own."""
         try:
-            for dir_fd, entries in dirs:
-                for entry in entries:
-                    try:
-                        self._create(dir_fd, entry, clone)
-                    except OSError as exc:
-                        raise _tree_error(exc, entry.path) from None
+            self._create(dir_fd, entry, clone, chmod)
         finally:
-            for dir_fd, _ in dirs:
-                os.close(dir_fd)
+            os.close(dir_fd)
 
-    def _create(self, dir_fd: int, entry: Entry, clone: _Cloner) -> None:
+    def _create(self, dir_fd: int, entry: Entry, clone: _Cloner, chmod: bool) -> None:
+        try:
+            self._make_entry(dir_fd, entry, clone, chmod)
+        except OSError as exc:
+            raise _tree_error(exc, entry.path) from None
+
+    def _make_entry(self, dir_fd: int, entry: Entry, clone: _Cloner, chmod: bool) -> None:
         name = safe_component(entry.path.rsplit("/", 1)[-1])
         if entry.kind == "symlink":
             assert entry.target is not None  # entry.check() guarantees it
@@ -393,14 +389,15 @@ class Store:
             dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
             try:
                 clone(src, dst)
-                os.fchmod(dst, mode)
+                if chmod:
+                    os.fchmod(dst, mode)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
 
 
-def _make_child(parent_fd: int, parts: Sequence[str]) -> int:
+def _make_child(parent_fd: int, parts: Sequence[str], chmod: bool) -> int:
     """Create directory parts[-1] in parent_fd and return a descriptor of it, opened without
     following symlinks (a swap in between fails rather than escapes)."""
     name = safe_component(parts[-1])
@@ -410,7 +407,8 @@ def _make_child(parent_fd: int, parts: Sequence[str]) -> int:
     except OSError as exc:
         raise _tree_error(exc, "/".join(parts)) from None
     try:
-        os.fchmod(fd, 0o755)
+        if chmod:
+            os.fchmod(fd, 0o755)
     except OSError as exc:
         os.close(fd)
         raise _tree_error(exc, "/".join(parts)) from None
@@ -435,6 +433,21 @@ class _Cloner:
                     raise
                 self.reflink = False
         _copy(src, dst)
+
+
+def modes_exact() -> bool:
+    """Whether what is created now gets exactly the modes the store asks (0o755, 0o555,
+    0o444): the umask clears none of their bits (022, 002, 0). Then no fchmod need follow
+    each create, three fewer system calls per file on a tree of thousands. Read from /proc:
+    os.umask() would have to set the mask to read it, under the other threads' creates."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8) & 0o755 == 0
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _verify(object_id: str, data: bytes) -> None:

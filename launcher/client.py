@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol.errors import LaunchError, NodeUnreachable, ProtocolError
-from agent.protocol.rpc import CLOSED, NEED_DATA, Connection, Notification, Response, Role
+from agent.protocol.rpc import (
+    CLOSED,
+    NEED_DATA,
+    Connection,
+    Notification,
+    Packed,
+    Response,
+    Role,
+)
 from launcher.scope import background_tasks
 
 READ_SIZE = 256 * 1024
@@ -46,7 +54,10 @@ class AgentClient:
         self.hello: dict[str, Any] = {}
 
     async def call(
-        self, method: str, params: dict[str, Any] | None = None, timeout: float | None = -1.0
+        self,
+        method: str,
+        params: dict[str, Any] | Packed | None = None,
+        timeout: float | None = -1.0,
     ) -> Any:
         """Send one request and wait for its result; raises what the agent raised.
 

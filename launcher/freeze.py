@@ -47,6 +47,7 @@ from launcher.gitview import (  # FreezeError, Excluded, LAUNCHIGNORE: this modu
     recall_walk,
     walk,
 )
+from launcher.pending import PendingStore, run_later
 from launcher.readfiles import read_all
 from launcher.scan import Scan, path_of
 
@@ -79,7 +80,7 @@ class Frozen:
 
 def freeze(
     root: Path,
-    store: Store,
+    store: Store | PendingStore,
     *,
     max_file_size: int = DEFAULT_MAX_FILE_SIZE,
     cache_path: Path | None = None,
@@ -142,7 +143,11 @@ def freeze(
         or (digest is None and listing.memo is not cache.extra)  # a walk, not recalled
     ):
         extra = listing.to_extra(digest, memo, attributes) if digest is not None else listing.memo
-        statcache.save(cache_path, top, scan.table(read), manifest.bundle_id, extra)
+        table = scan.table(read)
+        run_later(
+            store,
+            lambda: statcache.save(cache_path, top, table, manifest.bundle_id, extra),
+        )
     excluded = tuple(sorted(listing.excluded + scan.excluded, key=path_of))
     base = cache.bundle_id if changes is not None else None
     return Frozen(root, manifest, source, excluded, read.bytes, read.files, base, changes)
@@ -168,7 +173,10 @@ def _has_content(path: str) -> bool:
 
 
 def _store_manifest(
-    store: Store, manifest: Manifest, cache: statcache.StatCache, read: list[Entry]
+    store: Store | PendingStore,
+    manifest: Manifest,
+    cache: statcache.StatCache,
+    read: list[Entry],
 ) -> Manifest:
     """Store the manifest unless the store has it already.
 

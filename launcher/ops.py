@@ -26,6 +26,7 @@ from agent.protocol.objects import Manifest, Source, object_kind
 from launcher import home
 from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet, open_fleet_settled
 from launcher.nodes import Node, ensure_local_agents
+from launcher.pending import PendingStore
 from launcher.placement import Candidate, busy_report, choose
 from launcher.records import JobRecord, Records
 from launcher.upload import UploadProgress, upload_bundle
@@ -55,8 +56,9 @@ def local_store() -> Any:
 # -------------------------------------------------------------------------------- freeze
 
 
-def freeze_dir(directory: Path, max_file_size: int | None = None) -> Any:
-    """Freeze a directory into the launcher's local store (stat cache on)."""
+def freeze_dir(directory: Path, max_file_size: int | None = None, store: Any = None) -> Any:
+    """Freeze a directory into the launcher's local store (stat cache on), or into `store`
+    (a PendingStore of it)."""
     from agent.protocol.errors import InvalidManifest
     from launcher.freeze import freeze
 
@@ -66,7 +68,7 @@ def freeze_dir(directory: Path, max_file_size: int | None = None) -> Any:
     kwargs: dict[str, Any] = {"cache_path": home.stat_cache_path(directory)}
     if max_file_size is not None:
         kwargs["max_file_size"] = max_file_size
-    return freeze(directory.resolve(), local_store(), **kwargs)
+    return freeze(directory.resolve(), store or local_store(), **kwargs)
 
 
 def cat(object_id: str) -> tuple[str, str, bytes]:
@@ -142,9 +144,18 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
     nodes never deadlock; otherwise it fails with Busy (exit 6) naming what holds them.
     """
     progress = progress or Progress()
+    # The freeze's local writes wait until the job has started (launcher/pending.py).
+    store = PendingStore(local_store())
+    try:
+        return await _submit(opts, progress, store)
+    finally:
+        await asyncio.to_thread(store.settle)
+
+
+async def _submit(opts: SubmitOptions, progress: Progress, store: PendingStore) -> Submitted:
     # Freeze first: a bad source tree must not bring up local agents as a side effect.
     if opts.manifest is None:
-        frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size)
+        frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size, store)
         manifest, source = frozen.manifest, frozen.source
     else:
         frozen, manifest, source = None, opts.manifest, Source()
@@ -156,7 +167,7 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
         try:
             nodes = await _place(opts)
             job, conns_info, missing = await _run_on(
-                opts, nodes, manifest, source, progress, frozen
+                opts, nodes, manifest, source, progress, store, frozen
             )
             break
         except* Busy as group:
@@ -214,11 +225,11 @@ async def _run_on(
     manifest: Manifest,
     source: Source,
     progress: Progress,
+    store: PendingStore,
     frozen: Frozen | None = None,
 ) -> tuple[str, list[str], list[list[str]]]:
     """Two phases on exactly these nodes; nothing starts unless every node prepared."""
     job = new_job_id()
-    store = local_store()
     near = _last_bundle(opts)
     # The freeze may know what changed since that bundle (it froze it last).
     changes = frozen.changes if frozen is not None and frozen.base == near else None

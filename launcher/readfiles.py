@@ -22,6 +22,7 @@ from launcher.gitview import Excluded
 
 if TYPE_CHECKING:
     from agent.store import Store
+    from launcher.pending import PendingStore
 
 BATCH_BYTES = 64 * 2**20  # blobs handed to one put_many: the store syncs once per batch
 BATCH_FILES = 8192
@@ -54,7 +55,7 @@ _Outcome = tuple[str, str, statcache.Key | str | int, bytes | None, str, str]
 
 
 def read_all(
-    top: str, misses: list[tuple[str, Kind, int]], store: Store, max_file_size: int
+    top: str, misses: list[tuple[str, Kind, int]], store: Store | PendingStore, max_file_size: int
 ) -> Read:
     """Read every miss once, hash those bytes, and hand the same bytes to the store.
 

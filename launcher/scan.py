@@ -23,6 +23,7 @@ from launcher.readfiles import Read, Row, why
 
 if TYPE_CHECKING:
     from agent.store import Store
+    from launcher.pending import PendingStore
 
 path_of = attrgetter("path")
 
@@ -294,7 +295,7 @@ class Scan:
         if self.unreadable:
             raise _unreadable_error(self.unreadable)
 
-    def check_present(self, store: Store) -> None:
+    def check_present(self, store: Store | PendingStore) -> None:
         """A cached blob counts only if the store has it. The bundle the cache was saved with
         proves all of its blobs present at once (the store writes blobs before manifests);
         without it, ask the store about each, and read again any file whose blob is gone."""

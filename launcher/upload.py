@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.protocol.errors import ObjectMissing
 from agent.protocol.objects import Entry, Manifest, delta
+from agent.protocol.rpc import Packed, pack_params
 from launcher.fleet import NodeConn, on_each
 
 BATCH_BYTES = 16 * 2**20
@@ -108,14 +109,15 @@ def _batches(ids: list[str], sizes: dict[str, int]) -> list[tuple[str, ...]]:
 
 class _BatchReader:
     """Reads a batch of blobs from the local store once for every node that lacks the same
-    blobs (usually all of them), in a worker thread, ahead of its use. At most READ_AHEAD
-    batches are kept; a node that falls further behind reads its own again."""
+    blobs (usually all of them), in a worker thread, ahead of its use, and encodes it once as
+    put_blobs params (with its size in bytes). At most READ_AHEAD batches are kept; a node
+    that falls further behind reads its own again."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.reads: dict[tuple[str, ...], asyncio.Future[list[list[Any]]]] = {}
+        self.reads: dict[tuple[str, ...], asyncio.Future[tuple[Packed, int]]] = {}
 
-    def read(self, batch: tuple[str, ...]) -> asyncio.Future[list[list[Any]]]:
+    def read(self, batch: tuple[str, ...]) -> asyncio.Future[tuple[Packed, int]]:
         future = self.reads.get(batch)
         if future is None:
             future = asyncio.ensure_future(asyncio.to_thread(self._read, batch))
@@ -127,8 +129,9 @@ class _BatchReader:
                 self._drop(old)
         return future
 
-    def _read(self, batch: tuple[str, ...]) -> list[list[Any]]:
-        return [[blob, self.store.path(blob).read_bytes()] for blob in batch]
+    def _read(self, batch: tuple[str, ...]) -> tuple[Packed, int]:
+        items = [[blob, self.store.read(blob)] for blob in batch]
+        return pack_params({"blobs": items}), sum(len(data) for _, data in items)
 
     def _drop(self, batch: tuple[str, ...]) -> None:
         future = self.reads.pop(batch)
@@ -156,9 +159,8 @@ async def _send_blobs(
         for k, batch in enumerate(batches):
             if k + 1 < len(batches):
                 reader.read(batches[k + 1])  # read ahead
-            items = await reader.read(batch)
-            call = conn.client.call("put_blobs", {"blobs": items})
-            inflight.append((asyncio.ensure_future(call), sum(len(d) for _, d in items)))
+            params, size = await reader.read(batch)
+            inflight.append((asyncio.ensure_future(conn.client.call("put_blobs", params)), size))
             if len(inflight) > 1:  # at most two batches on their way to one node
                 task, size = inflight.popleft()
                 await task

@@ -20,6 +20,7 @@ from agent.store import Store
 from launcher import statcache
 from launcher.freeze import FreezeError, Frozen, freeze
 from launcher.gitview import LaunchIgnore, recall_walk
+from launcher.pending import PendingStore
 
 HOUR_AGO = time.time() - 3600
 
@@ -695,3 +696,65 @@ def test_an_unchanged_walk_is_recalled_and_every_change_is_seen(
     # Directories changed just now are not trusted yet (the racy rule), whatever their stat.
     assert not recalled()
     assert check() == final
+
+
+# ------------------------------------------------------------------ writes held back
+
+
+def _objects(store: Store) -> set[str]:
+    return {p.parent.name + p.name for p in store.objects.glob("*/*")}
+
+
+def test_a_submit_freeze_writes_to_disk_only_when_settled(tmp_path: Path, store: Store) -> None:
+    """A submit freezes into a PendingStore: the bytes are there to send, but no blob,
+    manifest or stat cache is written until settle(); then all of them, and the next freeze
+    of the tree reads nothing."""
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    write(root, {"a.py": "a = 1\n", "pkg/b.py": "b = 2\n", "big.bin": os.urandom(100_000)})
+    age(root)
+    pending = PendingStore(store)
+    frozen = freeze(root, pending, cache_path=cache)
+    assert _objects(store) == set() and not cache.exists()
+    for entry in frozen.manifest.entries:
+        assert pending.read(entry.blob) == (root / entry.path).read_bytes()
+        assert pending.has(entry.blob) and not store.has(entry.blob)
+    assert pending.has(frozen.bundle_id) and pending.missing(frozen.manifest.blobs()) == []
+    pending.settle()
+    assert _objects(store) == set(frozen.manifest.blobs()) | {frozen.bundle_id}
+    assert store.get_manifest(frozen.bundle_id) == frozen.manifest
+    again = freeze(root, store, cache_path=cache)
+    assert again.bundle_id == frozen.bundle_id and again.bytes_read == 0
+    pending.settle()  # a second settle writes nothing more and breaks nothing
+    assert _objects(store) == set(frozen.manifest.blobs()) | {frozen.bundle_id}
+
+
+def test_a_launcher_that_dies_before_settling_loses_only_time(tmp_path: Path, store: Store) -> None:
+    """Nothing of an unsettled freeze reaches the disk, so nothing half-written is trusted:
+    the next freeze reads the tree again and gives the same bundle, with every blob."""
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    write(root, {"a.py": "a = 1\n", "b.py": "b = 2\n"})
+    age(root)
+    freeze(root, store, cache_path=cache)  # a settled freeze of an older tree
+    write(root, {"b.py": "b = 3\n", "c.py": "c = 4\n"})
+    for name in ("b.py", "c.py"):  # not age(): a.py's stat stays what the cache holds
+        os.utime(root / name, (HOUR_AGO, HOUR_AGO))
+    lost = freeze(root, PendingStore(store), cache_path=cache)  # never settled
+    after = freeze(root, store, cache_path=cache)
+    assert after.bundle_id == lost.bundle_id
+    assert after.files_read == 2  # the changed and the new file, read again
+    assert store.missing(after.manifest.blobs()) == []
+
+
+def test_past_its_budget_a_pending_store_writes_blobs_at_once(tmp_path: Path, store: Store) -> None:
+    """Memory stays bounded: blobs past the budget go to disk as they come; the manifest
+    and the stat cache still wait for settle()."""
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    write(root, {f"f{i}.bin": os.urandom(40_000) for i in range(20)})
+    age(root)
+    pending = PendingStore(store, budget=100_000)
+    frozen = freeze(root, pending, cache_path=cache)
+    assert pending.size <= 100_000
+    assert store.missing(frozen.manifest.blobs()) == []
+    assert not store.has(frozen.bundle_id) and not cache.exists()
+    pending.settle()
+    assert store.has(frozen.bundle_id) and cache.exists()

@@ -36,6 +36,7 @@ from agent.protocol.rpc import (
     Role,
     State,
     negotiate,
+    pack_params,
 )
 
 Chunker = Callable[[bytes], Iterable[bytes]]
@@ -194,6 +195,25 @@ def test_many_frames_in_one_chunk() -> None:
     data = b"".join(pair.client.send_request("status", {"job": str(n)})[1] for n in range(5))
     events = drain(pair.server, data)
     assert [e.params for e in events] == [{"job": str(n)} for n in range(5)]  # type: ignore[union-attr]
+
+
+def test_params_encoded_once_make_the_same_request() -> None:
+    """Params packed once for many peers (a batch of blobs for eight nodes) give the same
+    bytes on the wire as the plain form, under each connection's own id; the size cap holds."""
+    params = {"blobs": [["a" * 64, b"\x00\xff" * 300], ["b" * 64, b""]]}
+    packed = pack_params(params)
+    for calls in (0, 200, 70000):  # ids that encode as fixint, uint8 and uint32
+        packed_pair, plain_pair = ConnectionPair(), ConnectionPair()
+        for pair in (packed_pair, plain_pair):
+            pair.hello()
+            pair.client._next_id += calls
+        rid, data = packed_pair.client.send_request("put_blobs", packed)
+        assert (rid, data) == plain_pair.client.send_request("put_blobs", params)
+        assert drain(packed_pair.server, data) == [Request(rid, "put_blobs", params)]
+    small = ConnectionPair(max_frame=len(packed))
+    small.hello()
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        small.client.send_request("put_blobs", packed)
 
 
 def test_hello_refused_then_retried() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,18 @@ def test_manifest_round_trip(store: Store) -> None:
         store.put_manifest(Manifest((Entry("../x", "file", 0, blob_id(b"")),)))
 
 
-def test_materialize_round_trip(store: Store, tmp_path: Path) -> None:
+@pytest.fixture(params=[0o022, 0o077, 0o002], ids=["umask022", "umask077", "umask002"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The test runs under this umask: the store's modes never depend on it (under 022 and
+    002 it skips the fchmod after each create; under 077 it must not)."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_materialize_round_trip(store: Store, tmp_path: Path, umask: int) -> None:
     big = os.urandom(3 << 20)
     manifest = tree(
         store,
@@ -176,6 +188,7 @@ def test_materialize_round_trip(store: Store, tmp_path: Path) -> None:
     assert mode(dest / "README") == mode(dest / "big.bin") == 0o444
     assert mode(dest / "bin/train.sh") == 0o555
     assert mode(dest / "pkg") == mode(dest / "pkg/sub/deep") == 0o755
+    assert mode(store.path(blob_id(b"hello\n"))) == mode(store.path(blob_id(big))) == 0o444
     # Copies, never links to the store: the job cannot reach an object through its tree.
     assert os.stat(dest / "README").st_ino != os.stat(store.path(blob_id(b"hello\n"))).st_ino
     assert os.stat(dest / "README").st_nlink == 1
