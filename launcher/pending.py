@@ -11,10 +11,13 @@ written in that order, as a freeze without this would. The stat cache is what le
 freeze skip reading a file, and it is only trusted when its bundle's manifest is in the store
 (launcher/scan.py), so a launcher that dies before `settle` leaves a store that merely lacks
 this freeze: the next one reads the tree again. Past `budget` bytes, blobs are written at once.
+Once settled, the store writes through: a freeze still running on its thread when its submit
+was interrupted (Ctrl-C) goes on storing in order, and never races `settle`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -32,6 +35,8 @@ class PendingStore:
     def __init__(self, store: Store, budget: int = PENDING_BYTES) -> None:
         self.store = store
         self.budget = budget
+        self.lock = threading.Lock()  # a freeze's thread, and settle() on another
+        self.settled = False
         self.blobs: dict[str, bytes] = {}  # hashed from the bytes by the freeze that read them
         self.size = 0
         self.manifests: list[tuple[Manifest, bytes | None]] = []
@@ -62,32 +67,42 @@ class PendingStore:
         return self.store.get_manifest(bundle_id)
 
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> int:
-        batch = [(i, d) for i, d in items if i not in self.blobs]
-        size = sum(len(d) for _, d in batch)
-        if self.size + size > self.budget:
-            self._write_blobs()
-            return self.store.put_many(batch)
-        self.blobs.update(batch)
-        self.size += size
-        return len(batch)
+        with self.lock:
+            batch = [(i, d) for i, d in items if i not in self.blobs]
+            size = sum(len(d) for _, d in batch)
+            if self.settled or self.size + size > self.budget:
+                self._write_blobs()
+                return self.store.put_many(batch)
+            self.blobs.update(batch)
+            self.size += size
+            return len(batch)
 
     def put_manifest(self, manifest: Manifest, encoded: bytes | None = None) -> str:
-        self.manifests.append((manifest, encoded))
-        return manifest.bundle_id
+        with self.lock:
+            if self.settled:
+                return self.store.put_manifest(manifest, encoded=encoded)
+            self.manifests.append((manifest, encoded))
+            return manifest.bundle_id
 
     def later(self, step: Callable[[], None]) -> None:
         """Run `step` in `settle`, after everything stored before it."""
-        self.after.append(step)
+        with self.lock:
+            if not self.settled:
+                self.after.append(step)
+                return
+        step()
 
     def settle(self) -> None:
-        """Write what was held back, in order; safe to call again."""
-        self._write_blobs()
-        while self.manifests:
-            manifest, encoded = self.manifests[0]
-            self.store.put_manifest(manifest, encoded=encoded)
-            self.manifests.pop(0)
-        while self.after:
-            self.after.pop(0)()
+        """Write what was held back, in order; from then on, write through."""
+        with self.lock:
+            self.settled = True
+            self._write_blobs()
+            while self.manifests:
+                manifest, encoded = self.manifests.pop(0)
+                self.store.put_manifest(manifest, encoded=encoded)
+            steps, self.after = self.after, []
+        for step in steps:
+            step()
 
     def _write_blobs(self) -> None:
         if self.blobs:

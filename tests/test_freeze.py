@@ -726,6 +726,13 @@ def test_a_submit_freeze_writes_to_disk_only_when_settled(tmp_path: Path, store:
     assert again.bundle_id == frozen.bundle_id and again.bytes_read == 0
     pending.settle()  # a second settle writes nothing more and breaks nothing
     assert _objects(store) == set(frozen.manifest.blobs()) | {frozen.bundle_id}
+    # Settled, it writes through: a freeze that was still running when its submit was
+    # interrupted stores in order and never races settle().
+    write(root, {"a.py": "a = 2\n"})
+    os.utime(root / "a.py", (HOUR_AGO, HOUR_AGO))
+    late = freeze(root, pending, cache_path=cache)
+    assert store.has(late.bundle_id) and store.missing(late.manifest.blobs()) == []
+    assert freeze(root, store, cache_path=cache).files_read == 0
 
 
 def test_a_launcher_that_dies_before_settling_loses_only_time(tmp_path: Path, store: Store) -> None:
