@@ -119,8 +119,14 @@ class Store:
         return f"{self._objects}/{object_id[:2]}/{object_id[2:]}"
 
     def missing(self, ids: Iterable[str]) -> list[str]:
-        """The ids not in the store, sorted and de-duplicated; an invalid id is InvalidManifest."""
-        return sorted({i for i in set(ids) - self._present if not self.has(i)})
+        """The ids not in the store, sorted and de-duplicated; an invalid id is InvalidManifest.
+
+        A shard directory that does not exist answers for every id in it with one stat: the
+        first upload to a node asks about thousands of blobs of an empty store."""
+        unknown = [check_object_id(i) for i in set(ids) - self._present]
+        shards = {i[:2] for i in unknown}
+        absent = {s for s in shards if not os.path.isdir(f"{self._objects}/{s}")}
+        return sorted(i for i in unknown if i[:2] in absent or not self._has(i))
 
     def put(self, object_id: str, data: bytes) -> bool:
         """Store one object; True if newly written, False if it was already there.

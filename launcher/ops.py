@@ -16,7 +16,7 @@ import secrets
 import socket
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,28 +153,32 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
 
 
 async def _submit(opts: SubmitOptions, progress: Progress, store: PendingStore) -> Submitted:
-    # Freeze first: a bad source tree must not bring up local agents as a side effect.
-    if opts.manifest is None:
-        frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size, store)
-        manifest, source = frozen.manifest, frozen.source
-    else:
-        frozen, manifest, source = None, opts.manifest, Source()
-    await asyncio.to_thread(ensure_local_agents, opts.nodes)
-    if frozen is not None:
-        progress.on_frozen(frozen)
-    deadline = None if not opts.wait else time.monotonic() + opts.wait
-    while True:
-        try:
-            nodes = await _place(opts)
-            job, conns_info, missing = await _run_on(
-                opts, nodes, manifest, source, progress, store, frozen
-            )
-            break
-        except* Busy as group:
-            if opts.wait is None or (deadline is not None and time.monotonic() > deadline):
-                raise
-            progress.on_wait([str(e) for e in group.exceptions])
-            await asyncio.sleep(random.uniform(0.5, 2.0))
+    # The freeze runs while the nodes are placed and opened (on a real cluster, round trips
+    # that cost more than the freeze): _run_on awaits it once its connections are up.
+    tree = asyncio.ensure_future(_tree(opts, progress, store))
+    try:
+        if any(node.kind == "local" for node in opts.nodes):
+            await tree  # a bad source tree must not bring up local agents as a side effect
+        await asyncio.to_thread(ensure_local_agents, opts.nodes)
+        deadline = None if not opts.wait else time.monotonic() + opts.wait
+        while True:
+            try:
+                nodes = await _place(opts)
+                job, conns_info, missing = await _run_on(opts, nodes, tree, progress, store)
+                break
+            except* Busy as group:
+                if opts.wait is None or (deadline is not None and time.monotonic() > deadline):
+                    raise
+                progress.on_wait([str(e) for e in group.exceptions])
+                await asyncio.sleep(random.uniform(0.5, 2.0))
+    except BaseException:
+        # The freeze's thread is never left running, and a problem with the tree is told
+        # before a problem with the nodes: it is the one to fix first.
+        await asyncio.wait([tree])
+        if not tree.cancelled() and (problem := tree.exception()) is not None:
+            raise problem from None
+        raise
+    manifest, _, frozen = tree.result()
     records = Records(home.records_path())
     try:
         records.add(
@@ -219,21 +223,31 @@ async def _place(opts: SubmitOptions) -> list[Node]:
     return [opts.nodes[c.index] for c in chosen]
 
 
+async def _tree(
+    opts: SubmitOptions, progress: Progress, store: PendingStore
+) -> tuple[Manifest, Source, Frozen | None]:
+    """What to run: the frozen source tree, or the manifest given."""
+    if opts.manifest is not None:
+        return opts.manifest, Source(), None
+    frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size, store)
+    progress.on_frozen(frozen)
+    return frozen.manifest, frozen.source, frozen
+
+
 async def _run_on(
     opts: SubmitOptions,
     nodes: list[Node],
-    manifest: Manifest,
-    source: Source,
+    tree: Awaitable[tuple[Manifest, Source, Frozen | None]],
     progress: Progress,
     store: PendingStore,
-    frozen: Frozen | None = None,
 ) -> tuple[str, list[str], list[list[str]]]:
     """Two phases on exactly these nodes; nothing starts unless every node prepared."""
     job = new_job_id()
     near = _last_bundle(opts)
-    # The freeze may know what changed since that bundle (it froze it last).
-    changes = frozen.changes if frozen is not None and frozen.base == near else None
     async with open_fleet(nodes) as conns:
+        manifest, source, frozen = await tree
+        # The freeze may know what changed since that bundle (it froze it last).
+        changes = frozen.changes if frozen is not None and frozen.base == near else None
         missing = await upload_bundle(conns, manifest, store, progress, near, changes)
         params = {
             "job": job,

@@ -251,6 +251,17 @@ def test_one_agent_down_starts_nothing_and_nodes_shows_why(cluster: Cluster) -> 
             # It never started anywhere (aborted would be fine; prepared or running not).
             assert all(j["state"] == "aborted" for j in new), new
 
+        # The tree is frozen while the nodes are opened: with a bad tree as well, the tree's
+        # problem is the one told (it is the one to fix first), and nothing is prepared.
+        (cluster.src / "leak").symlink_to("/etc/passwd")
+        try:
+            r = cluster.submit("--", PYTHON, "main.py")
+        finally:
+            (cluster.src / "leak").unlink()
+        line = r.assert_clean_failure(2)
+        assert "leak" in line and HOSTS[2] not in line, line
+        assert [a.call("jobs")["jobs"] for i, a in enumerate(cluster.agents) if i != 2] == after
+
         nodes = cluster.home.run("nodes", "--json", cwd=cluster.src).json()
         by_name: dict[str, Any] = {n["node"]: n for n in nodes}
         assert list(by_name) == HOSTS
