@@ -26,7 +26,7 @@ from agent.jobs import JobManager, Owner
 from agent.paths import StatePaths, check_job_id
 from agent.protocol import messages as m
 from agent.protocol.errors import InvalidParams, JobNotFound
-from agent.protocol.objects import Manifest, check_object_id, from_delta, object_kind
+from agent.protocol.objects import Entry, Manifest, check_object_id, from_delta, object_kind
 from agent.protocol.rpc import negotiate
 from agent.revlog import ACTIVE, RevLog
 from agent.store import Store
@@ -105,16 +105,18 @@ async def put_blobs(agent: Agent, caller: Caller, p: m.PutBlobs, notify: Notify)
 
 
 async def put_manifest(agent: Agent, caller: Caller, p: m.PutManifest, notify: Notify) -> Any:
+    puts: list[Entry] = []
     if p.base:
         base = agent.store.get_manifest(check_object_id(p.base, "base bundle"))
         manifest, encoded = from_delta(base, p.puts, p.deletes, p.bundle)
+        puts = [e for row in p.puts if (e := manifest.get(row[0])) is not None]
         if p.blobs:
             await asyncio.to_thread(agent.store.put_many, m.blob_items(p.blobs))
     else:
         manifest, encoded = Manifest.decode(p.manifest), p.manifest
     # Validated either way: no need to decode again to store it.
     bundle = agent.store.put_manifest(manifest, encoded=encoded)
-    return {"bundle": bundle, "missing": agent.store.missing(manifest.blobs())}
+    return {"bundle": bundle, "missing": agent.store.lacks(manifest, p.base, puts)}
 
 
 async def prepare(agent: Agent, caller: Caller, p: m.Prepare, notify: Notify) -> Any:

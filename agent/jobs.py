@@ -147,7 +147,7 @@ class JobManager:
             check_object_id(p.near, "near bundle")
         owner = Owner.of(uid)
         manifest = self.store.get_manifest(p.bundle)
-        missing = self.store.missing(manifest.blobs())
+        missing = self.store.lacks(manifest)
         if missing:
             raise ObjectMissing(missing)
         if p.job in self._preparing:

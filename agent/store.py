@@ -92,6 +92,7 @@ class Store:
         # stays: a submit asks about thousands of blobs, and a set answers without a stat each.
         # (An object deleted by hand is still caught: materialising it is ObjectMissing.)
         self._present: set[str] = set()
+        self._complete: set[str] = set()  # bundles whose blobs were all found present
         self.root.mkdir(parents=True, exist_ok=True)
         for directory, mode in ((self.objects, 0o755), (self.tmp, 0o700)):
             if not directory.is_dir():
@@ -127,6 +128,19 @@ class Store:
         shards = {i[:2] for i in unknown}
         absent = {s for s in shards if not os.path.isdir(f"{self._objects}/{s}")}
         return sorted(i for i in unknown if i[:2] in absent or not self._has(i))
+
+    def lacks(self, manifest: Manifest, base: str = "", puts: Iterable[Entry] = ()) -> list[str]:
+        """The blobs of `manifest` not in the store. For a manifest made from bundle `base` by
+        `puts` (and deletions), only the puts' blobs are looked at when all of base's were
+        found here before: objects, once present, stay. A resubmit of one changed file then
+        costs a set of one, not of every blob of the tree, on every node."""
+        if base in self._complete:
+            missing = self.missing(e.blob for e in puts if e.kind != "symlink")
+        else:
+            missing = self.missing(manifest.blobs())
+        if not missing:
+            self._complete.add(manifest.bundle_id)
+        return missing
 
     def put(self, object_id: str, data: bytes) -> bool:
         """Store one object; True if newly written, False if it was already there.

@@ -16,7 +16,7 @@ from agent.protocol.errors import (
     JobStateError,
     ObjectMissing,
 )
-from agent.protocol.objects import Entry, Manifest, blob_id
+from agent.protocol.objects import Entry, Manifest, apply_changes, blob_id
 from agent.store import Store
 
 
@@ -61,6 +61,32 @@ def test_put_get_has_missing(store: Store) -> None:
     with pytest.raises(ObjectMissing) as info:
         store.get(blob_id(b))
     assert info.value.ids == [blob_id(b)]
+
+
+def test_lacks_trusts_a_base_only_once_all_its_blobs_were_here(store: Store) -> None:
+    """A manifest made from a base by a few puts needs only the puts' blobs looked at, but
+    only when every blob of the base was found present: a base whose upload was cut short
+    still has its own gaps reported through every manifest built on it."""
+
+    def entry(path: str, data: bytes) -> Entry:
+        return Entry(path, "file", len(data), blob_id(data))
+
+    a, b, c, d = b"a\n", b"b\n", b"c\n", b"d\n"
+    base = Manifest.of([entry("a.py", a), entry("b.py", b)])
+    store.put(blob_id(a), a)
+    assert store.lacks(base) == [blob_id(b)]
+    put_c = [entry("a.py", c)]
+    changed = apply_changes(base, put_c)
+    store.put(blob_id(c), c)
+    assert store.lacks(changed, base.bundle_id, put_c) == [blob_id(b)]  # base incomplete
+    store.put(blob_id(b), b)
+    assert store.lacks(base) == []
+    put_d = [entry("d.py", d)]
+    added = apply_changes(base, put_d)
+    assert store.lacks(added, base.bundle_id, put_d) == [blob_id(d)]
+    store.put(blob_id(d), d)
+    assert store.lacks(added, base.bundle_id, put_d) == []
+    assert store.lacks(changed, added.bundle_id, put_c) == []  # added is complete too
 
 
 def test_invalid_ids_are_refused(store: Store) -> None:
