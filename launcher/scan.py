@@ -9,14 +9,20 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Sequence
-from dataclasses import fields
+from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from agent.protocol.errors import InvalidManifest
-from agent.protocol.objects import Entry, Kind, Manifest, check_path, check_symlink_target
+from agent.protocol.objects import (
+    Entry,
+    Kind,
+    Manifest,
+    check_path,
+    check_symlink_target,
+    make_entry,
+)
 from launcher import statcache
 from launcher.gitview import LAUNCHIGNORE, Excluded, FreezeError, Listing
 from launcher.readfiles import Read, Row, why
@@ -26,39 +32,6 @@ if TYPE_CHECKING:
     from launcher.pending import PendingStore
 
 path_of = attrgetter("path")
-
-
-def _entry_maker() -> Callable[..., Entry]:
-    """A faster `Entry(path, kind, size, blob, target)` for the warm path's entries.
-
-    Entry is a frozen slots dataclass: its generated __init__ sets each field through
-    object.__setattr__, which costs three times what setting the slots directly does, and
-    7,000 entries are a tenth of a warm freeze. The entries are the same objects either way;
-    if Entry ever stops being exactly these five plain slots, this is its own constructor.
-    """
-    names = ("path", "kind", "size", "blob", "target")
-    slots = getattr(Entry, "__slots__", ())
-    plain = not hasattr(Entry, "__post_init__") and tuple(f.name for f in fields(Entry)) == names
-    if not plain or tuple(slots) != names:
-        return Entry
-    set_path, set_kind, set_size, set_blob, set_target = (
-        Entry.__dict__[name].__set__ for name in names
-    )
-    new = object.__new__
-
-    def make(path: str, kind: str, size: int, blob: str, target: str | None) -> Entry:
-        entry = new(Entry)
-        set_path(entry, path)
-        set_kind(entry, kind)
-        set_size(entry, size)
-        set_blob(entry, blob)
-        set_target(entry, target)
-        return entry
-
-    return make
-
-
-_make_entry = _entry_maker()
 
 
 class Scan:
@@ -136,7 +109,7 @@ class Scan:
         lstat = os.lstat
         prefix = self.top + "/"
         max_size = self.max_file_size
-        make = _make_entry
+        make = make_entry
         self._rows = rows
         hits, rest, seen = self.hits, self.rest, self.seen
         columns = zip(candidates, rows, sizes, kinds, blobs, vouched, strict=False)  # repeat()

@@ -333,7 +333,10 @@ def _conforms(value: object, hint: Any) -> bool:
         return isinstance(value, hint)
     if origin is list:
         (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+        if not isinstance(value, list):
+            return False
+        # list[Any] items need no look each: put_blobs carries thousands of [id, bytes].
+        return item is Any or all(_conforms(v, item) for v in value)
     if origin is dict:
         key_t, val_t = typing.get_args(hint)
         return isinstance(value, dict) and all(
