@@ -19,8 +19,8 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
-import secrets
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,6 +55,7 @@ COPY_THREADS = 4
 COPY_AHEAD = 16
 THREAD_COPY_BYTES = 256 * 1024
 MIN_PREFIX = 4
+_TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL
 _HEX = frozenset("0123456789abcdef")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -200,9 +201,17 @@ class Store:
         return len(temps)
 
     def _write_temp(self, object_id: str, data: bytes, fsync: bool, chmod: bool) -> str:
-        # Read-only from creation: the object is never visible with a writable mode.
-        temp = f"{self.tmp}/{object_id[:16]}.{os.getpid()}.{secrets.token_hex(8)}"
-        fd = os.open(temp, _NEW_FILE, 0o444)
+        # Read-only from creation: the object is never visible with a writable mode. Named by
+        # process and a counter, unique among this process's threads (no random bytes: a
+        # system call per object); a name left by an earlier process of the same pid is
+        # skipped.
+        while True:
+            temp = f"{self.tmp}/{object_id[:16]}.{os.getpid()}.{next(_TEMP_NUMBERS)}"
+            try:
+                fd = os.open(temp, _NEW_FILE, 0o444)
+                break
+            except FileExistsError:
+                continue
         try:
             _write_all(fd, data)
             if chmod:

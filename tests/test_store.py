@@ -89,6 +89,22 @@ def test_lacks_trusts_a_base_only_once_all_its_blobs_were_here(store: Store) -> 
     assert store.lacks(changed, added.bundle_id, put_c) == []  # added is complete too
 
 
+def test_a_temp_name_left_by_an_earlier_process_is_skipped(store: Store) -> None:
+    """Temp files are named by pid and a counter: a file of the same name, left by a dead
+    process that had this pid, is neither clobbered nor a failure."""
+    import agent.store
+
+    data = b"object\n"
+    oid = blob_id(data)
+    upcoming = next(agent.store._TEMP_NUMBERS) + 1
+    stale = [store.tmp / f"{oid[:16]}.{os.getpid()}.{upcoming + k}" for k in range(3)]
+    for path in stale:
+        path.write_bytes(b"left by a crash")
+    assert store.put(oid, data)
+    assert store.get(oid) == data
+    assert all(p.read_bytes() == b"left by a crash" for p in stale)
+
+
 def test_invalid_ids_are_refused(store: Store) -> None:
     for bad in ("", "abc", "A" * 64, "g" * 64, "../" + "a" * 61):
         with pytest.raises(InvalidManifest):
