@@ -126,7 +126,7 @@ def freeze(
             scan = Scan(top, cache, listing, max_file_size, vouch).run(known)
         scan.raise_problems()
         scan.check_present(store)
-        read = read_all(top, scan.misses, store, max_file_size)
+        read = read_all(top, scan.misses, store, max_file_size, git_ids=listing.git)
         scan.add_read(read)
         manifest = _store_manifest(store, scan.manifest(read.entries), cache, read.entries)
         changes = scan.changes_since_cache(manifest, read)

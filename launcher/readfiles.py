@@ -55,7 +55,11 @@ _Outcome = tuple[str, str, statcache.Key | str | int, bytes | None, str, str]
 
 
 def read_all(
-    top: str, misses: list[tuple[str, Kind, int]], store: Store | PendingStore, max_file_size: int
+    top: str,
+    misses: list[tuple[str, Kind, int]],
+    store: Store | PendingStore,
+    max_file_size: int,
+    git_ids: bool = True,
 ) -> Read:
     """Read every miss once, hash those bytes, and hand the same bytes to the store.
 
@@ -73,7 +77,7 @@ def read_all(
     batch: list[tuple[str, bytes]] = []
     batch_bytes = 0
     batched: set[str] = set()
-    for outcomes in _map_chunks(top, chunks, max_file_size, parallel):
+    for outcomes in _map_chunks(top, chunks, max_file_size, git_ids, parallel):
         for path, kind, key, data, blob, git_blob in outcomes:
             if data is None:
                 if kind == "oversize":
@@ -117,33 +121,33 @@ def _chunks(misses: list[tuple[str, Kind, int]]) -> Iterator[list[str]]:
 
 
 def _map_chunks(
-    top: str, chunks: list[list[str]], max_file_size: int, parallel: bool
+    top: str, chunks: list[list[str]], max_file_size: int, git_ids: bool, parallel: bool
 ) -> Iterator[list[_Outcome]]:
     """Outcomes chunk by chunk, in order: on this thread for a small job, else on threads."""
     if not parallel:
         for chunk in chunks:
-            yield _read_chunk(top, chunk, max_file_size)
+            yield _read_chunk(top, chunk, max_file_size, git_ids)
         return
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="freeze-read") as pool:
         pending: deque[Future[list[_Outcome]]] = deque()
         todo = iter(chunks)
         for chunk in todo:
-            pending.append(pool.submit(_read_chunk, top, chunk, max_file_size))
+            pending.append(pool.submit(_read_chunk, top, chunk, max_file_size, git_ids))
             if len(pending) >= 2 * READ_THREADS:
                 break
         while pending:
             outcomes = pending.popleft().result()
             more = next(todo, None)
             if more is not None:
-                pending.append(pool.submit(_read_chunk, top, more, max_file_size))
+                pending.append(pool.submit(_read_chunk, top, more, max_file_size, git_ids))
             yield outcomes
 
 
-def _read_chunk(top: str, chunk: list[str], max_file_size: int) -> list[_Outcome]:
-    return [_read_one(top, path, max_file_size) for path in chunk]
+def _read_chunk(top: str, chunk: list[str], max_file_size: int, git_ids: bool) -> list[_Outcome]:
+    return [_read_one(top, path, max_file_size, git_ids) for path in chunk]
 
 
-def _read_one(top: str, path: str, max_file_size: int) -> _Outcome:
+def _read_one(top: str, path: str, max_file_size: int, git_ids: bool) -> _Outcome:
     """Open without following symlinks, stat the open file, read it, hash what was read.
 
     The stat kept for the cache is the one taken before reading: if the file changes while it
@@ -169,10 +173,12 @@ def _read_one(top: str, path: str, max_file_size: int) -> _Outcome:
     if data is None:
         return (path, "oversize", max_file_size + 1, None, "", "")
     kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
-    git = hashlib.sha1(b"blob %d\0" % len(data))
-    git.update(data)
-    blob = hashlib.sha256(data).hexdigest()
-    return (path, kind, statcache.stat_key(st), data, blob, git.hexdigest())
+    git = statcache.NO_GIT_BLOB
+    if git_ids:  # git's id serves only where git lists the tree (launcher/gitview.py)
+        sha1 = hashlib.sha1(b"blob %d\0" % len(data))
+        sha1.update(data)
+        git = sha1.hexdigest()
+    return (path, kind, statcache.stat_key(st), data, hashlib.sha256(data).hexdigest(), git)
 
 
 def _read_fd(fd: int, size: int, limit: int) -> bytes | None:

@@ -473,6 +473,29 @@ def test_git_vouches_only_for_what_it_checked(tmp_path: Path, store: Store) -> N
     assert store.get(frozen.manifest.by_path()["train.py"].blob) == b"print('TRAIN')\n"
 
 
+def test_a_plain_directory_that_becomes_a_repository_freezes_the_same(
+    tmp_path: Path, store: Store
+) -> None:
+    """Outside git, files are not hashed the git way (nothing would use it), so the cache
+    holds no git ids for them: once the directory becomes a repository, nothing is vouched
+    for on the strength of ids never taken, and an edit git does not look at is still seen."""
+    root = tmp_path / "tree"
+    write(root, FILES)
+    age(root)
+    cache = tmp_path / "stat"
+    plain = freeze(root, store, cache_path=cache)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    same = freeze(root, store, cache_path=cache)
+    assert same.bundle_id == plain.bundle_id and same.source.commit
+    git(root, "update-index", "--assume-unchanged", "train.py")
+    write(root, {"train.py": "print('TRAIN')\n"})  # same size; git will not look
+    os.utime(root / "train.py", (HOUR_AGO, HOUR_AGO))
+    edited = freeze(root, store, cache_path=cache)
+    assert store.get(edited.manifest.by_path()["train.py"].blob) == b"print('TRAIN')\n"
+
+
 def test_attributes_stop_git_vouching(tmp_path: Path, store: Store) -> None:
     """With a .gitattributes, git compares filtered bytes, so every file is stat-ed."""
     root = git_repo(tmp_path / "repo", {**FILES, ".gitattributes": "*.yaml text\n"})
