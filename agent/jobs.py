@@ -159,6 +159,7 @@ class JobManager:
             self._preparing.discard(p.job)  # else a retried prepare of this job is refused
             raise
         try:
+            self._forks.start()  # while the code directory is built, not when the job starts
             paths = self.paths(p.job)
             await asyncio.to_thread(self._build_code_dir, paths, manifest, uid, p.near)
         except BaseException:

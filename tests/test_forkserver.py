@@ -8,11 +8,11 @@ import os
 
 import psutil
 from agents import AgentProc, children, wait_for
-from test_agent_jobs import COUNTER, alive, job_paths, log_bytes, run_job, wait_ended
+from test_agent_jobs import COUNTER, PY, alive, job_paths, log_bytes, run_job, upload, wait_ended
 
 
 def fork_servers(agent: AgentProc) -> list[psutil.Process]:
-    """The agent's fork server processes (one, once a job has started)."""
+    """The agent's fork server processes (one, once a job has been prepared)."""
     assert agent.proc is not None
     return children(agent.proc.pid, "agent.forkserver")
 
@@ -23,11 +23,16 @@ def shim_of(agent: AgentProc, job: str) -> psutil.Process:
 
 def test_a_shim_is_forked_by_the_server_in_its_own_session(agents):
     agent = agents("node0")
-    assert fork_servers(agent) == []  # started on first use, not before
+    assert fork_servers(agent) == []  # started when a first job is prepared, not before
+    bundle = upload(agent, {"main.py": b"print('early')\n"})
+    agent.call("prepare", {"job": "j-prepared", "bundle": bundle, "argv": [PY, "main.py"]})
+    (early,) = fork_servers(agent)  # ready before the start, which need not wait for it
+    agent.call("abort", {"job": "j-prepared"})
     run_job(agent, "j-forked", "print('hello', flush=True)\n")
     wait_ended(agent, "j-forked")
     assert log_bytes(agent, "j-forked") == b"hello\n"
     (server,) = fork_servers(agent)
+    assert server.pid == early.pid
 
     run_job(agent, "j-forked-2", COUNTER)
     shim = shim_of(agent, "j-forked-2")
