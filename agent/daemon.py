@@ -116,6 +116,7 @@ async def run_agent(config: Config) -> None:
             mode = "system" if config.system else "user"
             log.info("serving on %s (%s mode, state %s)", config.socket, mode, config.state)
             sd_notify(f"READY=1\nSTATUS=serving on {config.socket}\nMAINPID={os.getpid()}")
+            jobs.warm_up()
             await stop.wait()
             sd_notify("STOPPING=1")
             server.cancel()

@@ -43,9 +43,9 @@ class ForkServerError(OSError):
 
 
 class ForkServer:
-    """The agent's side: start the server when a first job is prepared (from the event
-    loop's thread: the death signal follows the thread that started it) and ask it for
-    shims."""
+    """The agent's side: start the server when the agent starts serving, or again on the
+    next use after it died (from the event loop's thread: the death signal follows the
+    thread that started it), and ask it for shims."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
@@ -76,8 +76,8 @@ class ForkServer:
         raise AssertionError("unreachable")
 
     def start(self) -> None:
-        """Start the server ahead of its first use (a job is being prepared), so that job's
-        start does not wait for a new interpreter; a failure is left for spawn() to report."""
+        """Start the server ahead of its first use, so no job's start waits for a new
+        interpreter; a failure is left for spawn() to report."""
         with contextlib.suppress(ForkServerError):
             self._connected()
 

@@ -159,7 +159,6 @@ class JobManager:
             self._preparing.discard(p.job)  # else a retried prepare of this job is refused
             raise
         try:
-            self._forks.start()  # while the code directory is built, not when the job starts
             paths = self.paths(p.job)
             await asyncio.to_thread(self._build_code_dir, paths, manifest, uid, p.near)
         except BaseException:
@@ -222,6 +221,11 @@ class JobManager:
         self.publish_revision(paths, revision)
         self.revlog.create_job(job, revision)
         return self._prepared(job)
+
+    def warm_up(self) -> None:
+        """Start the fork server now, from the event loop's thread, so that no job's start
+        waits for a new interpreter (about 40 ms of CPU): not even the first after boot."""
+        self._forks.start()
 
     def _build_code_dir(
         self, paths: JobPaths, manifest: Manifest, owner: int, near: str = ""

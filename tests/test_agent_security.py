@@ -973,14 +973,21 @@ def test_no_watchdog_pings_unless_asked(private_dir: Path, extra: dict[str, str]
 def test_idle_agent_costs_nothing(agent: AgentProc, record_property: Any) -> None:
     proc = psutil.Process(agent.pid)
     time.sleep(0.5)  # let start-up settle
-    before = proc.cpu_times()
+    # Its one helper, the fork server (agent/forkserver.py), counts as the agent's cost.
+    (server,) = proc.children(recursive=True)
+    assert "agent.forkserver" in " ".join(server.cmdline())
+    both = (proc, server)
+    before = [p.cpu_times() for p in both]
     time.sleep(10)
-    after = proc.cpu_times()
-    cpu = (after.user + after.system) - (before.user + before.system)
-    rss = proc.memory_info().rss
+    after = [p.cpu_times() for p in both]
+    cpu = sum((a.user + a.system) - (b.user + b.system) for a, b in zip(after, before, strict=True))
+    rss = sum(p.memory_info().rss for p in both)
     record_property("idle_cpu_s", round(cpu, 4))
     record_property("rss_bytes", rss)
-    print(f"\nidle agent: {cpu:.3f} s CPU over 10 s, rss {rss / 2**20:.1f} MiB")
-    assert proc.children(recursive=True) == []
+    print(
+        f"\nidle agent and fork server: {cpu:.3f} s CPU over 10 s, rss {rss / 2**20:.1f} MiB"
+        f" (agent {proc.memory_info().rss / 2**20:.1f} MiB)"
+    )
+    assert proc.children(recursive=True) == [server]
     assert cpu < 0.1, f"an idle agent used {cpu:.3f} s of CPU in 10 s"
     assert rss < 60 * 2**20, f"rss {rss / 2**20:.1f} MiB"

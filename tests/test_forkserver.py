@@ -8,11 +8,11 @@ import os
 
 import psutil
 from agents import AgentProc, children, wait_for
-from test_agent_jobs import COUNTER, PY, alive, job_paths, log_bytes, run_job, upload, wait_ended
+from test_agent_jobs import COUNTER, alive, job_paths, log_bytes, run_job, wait_ended
 
 
 def fork_servers(agent: AgentProc) -> list[psutil.Process]:
-    """The agent's fork server processes (one, once a job has been prepared)."""
+    """The agent's fork server processes (one, from the moment the agent serves)."""
     assert agent.proc is not None
     return children(agent.proc.pid, "agent.forkserver")
 
@@ -23,11 +23,8 @@ def shim_of(agent: AgentProc, job: str) -> psutil.Process:
 
 def test_a_shim_is_forked_by_the_server_in_its_own_session(agents):
     agent = agents("node0")
-    assert fork_servers(agent) == []  # started when a first job is prepared, not before
-    bundle = upload(agent, {"main.py": b"print('early')\n"})
-    agent.call("prepare", {"job": "j-prepared", "bundle": bundle, "argv": [PY, "main.py"]})
-    (early,) = fork_servers(agent)  # ready before the start, which need not wait for it
-    agent.call("abort", {"job": "j-prepared"})
+    # Started with the agent: not even the first job's start waits for it.
+    (early,) = wait_for(lambda: fork_servers(agent), timeout=10)
     run_job(agent, "j-forked", "print('hello', flush=True)\n")
     wait_ended(agent, "j-forked")
     assert log_bytes(agent, "j-forked") == b"hello\n"
@@ -56,7 +53,7 @@ def test_the_server_ends_with_its_agent_and_the_job_lives_on(agents):
     printed = log_bytes(agent, "j-outlives").count(b"\n")
     wait_for(lambda: log_bytes(agent, "j-outlives").count(b"\n") > printed + 2, timeout=10)
 
-    agent.start()  # re-adopts the shim; a new server only when a job starts
+    agent.start()  # re-adopts the shim, and starts a new server
     assert agent.call("status", {"job": "j-outlives"})["pid"] == shim.pid
     assert agent.call("cancel", {"job": "j-outlives", "grace_s": 1})["state"] == "cancelled"
     assert not alive(shim.pid)
