@@ -108,8 +108,7 @@ async def put_manifest(agent: Agent, caller: Caller, p: m.PutManifest, notify: N
     puts: list[Entry] = []
     if p.base:
         base = agent.store.get_manifest(check_object_id(p.base, "base bundle"))
-        manifest, encoded = from_delta(base, p.puts, p.deletes, p.bundle)
-        puts = [e for row in p.puts if (e := manifest.get(row[0])) is not None]
+        manifest, encoded, puts = from_delta(base, p.puts, p.deletes, p.bundle)
         if p.blobs:
             await asyncio.to_thread(agent.store.put_many, m.blob_items(p.blobs))
     else:

@@ -52,11 +52,10 @@ async def prepare(
             raise StaleRevision(p.base, head.number)
         head_manifest = store.get_manifest(head.bundle)
         if p.puts or p.deletes:
-            new, encoded = from_delta(head_manifest, p.puts, p.deletes, p.bundle)
+            new, encoded, puts = from_delta(head_manifest, p.puts, p.deletes, p.bundle)
             # The changes are what the delta names (the tree need not be compared), and
             # only their blobs can be missing: the head's are here, its tree was built.
-            puts = [new.get(row[0]) for row in p.puts]
-            changed = changes(head_manifest, [e for e in puts if e is not None], p.deletes)
+            changed = changes(head_manifest, puts, p.deletes)
             await asyncio.to_thread(store.put_many, m.blob_items(p.blobs))
             wanted = {c.new.blob for c in changed if c.new is not None and c.new.kind != "symlink"}
             missing = store.missing(wanted)

@@ -346,7 +346,7 @@ class Store:
         """
         for entry in manifest.entries:
             entry.check()
-        missing = self.missing(e.blob for e in manifest.entries if e.kind != "symlink")
+        missing = self.lacks(manifest)  # at once for a tree that a prepare just checked
         if missing:
             raise ObjectMissing(missing)
         groups: dict[tuple[str, ...], list[Entry]] = defaultdict(list)
@@ -398,32 +398,29 @@ class Store:
             os.close(dir_fd)
 
     def _create(self, dir_fd: int, entry: Entry, clone: _Cloner, chmod: bool) -> None:
+        name = safe_component(entry.path.rsplit("/", 1)[-1])
         try:
-            self._make_entry(dir_fd, entry, clone, chmod)
+            if entry.kind == "symlink":
+                assert entry.target is not None  # entry.check() guarantees it
+                os.symlink(entry.target, name, dir_fd=dir_fd)
+                return
+            mode = 0o555 if entry.kind == "exec" else 0o444
+            try:
+                src = os.open(self._file(entry.blob), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ObjectMissing(entry.blob) from None  # removed since the presence check
+            try:
+                dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
+                try:
+                    clone(src, dst)
+                    if chmod:
+                        os.fchmod(dst, mode)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
         except OSError as exc:
             raise _tree_error(exc, entry.path) from None
-
-    def _make_entry(self, dir_fd: int, entry: Entry, clone: _Cloner, chmod: bool) -> None:
-        name = safe_component(entry.path.rsplit("/", 1)[-1])
-        if entry.kind == "symlink":
-            assert entry.target is not None  # entry.check() guarantees it
-            os.symlink(entry.target, name, dir_fd=dir_fd)
-            return
-        mode = 0o555 if entry.kind == "exec" else 0o444
-        try:
-            src = os.open(self._file(entry.blob), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ObjectMissing(entry.blob) from None  # removed since the presence check
-        try:
-            dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
-            try:
-                clone(src, dst)
-                if chmod:
-                    os.fchmod(dst, mode)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
 
 
 def _make_child(parent_fd: int, parts: Sequence[str], chmod: bool) -> int:

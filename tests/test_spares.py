@@ -161,8 +161,9 @@ def test_delta_round_trip_and_refusals(store: Store) -> None:
     puts, deletes, _ = delta(old.encode(), new)
     assert sorted(deletes) == ["data", "pkg/old/gone.py"]
     assert {row[0] for row in puts} == {c.path for c in diff(old, new) if c.new is not None}
-    rebuilt, encoded = from_delta(old, puts, deletes, new.bundle_id)
+    rebuilt, encoded, put = from_delta(old, puts, deletes, new.bundle_id)
     assert rebuilt == new and encoded == new.encode()
+    assert put == [new.get(row[0]) for row in puts]
     with pytest.raises(InvalidManifest, match="do not make"):
         from_delta(old, puts[1:], deletes, new.bundle_id)  # a row left out
     with pytest.raises(InvalidManifest, match="absent from its base"):

@@ -22,7 +22,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgpack
 
@@ -481,10 +481,19 @@ def delta(base: bytes, new: Manifest) -> tuple[list[list[Any]], list[str], list[
     return puts, sorted(old), sorted(added)
 
 
+class Rebuilt(NamedTuple):
+    """What from_delta gives: the manifest, its encoding, and the entries the delta put."""
+
+    manifest: Manifest
+    encoded: bytes
+    puts: list[Entry]
+
+
 def from_delta(
     base: Manifest, puts: Sequence[object], deletes: Sequence[object], bundle: str
-) -> tuple[Manifest, bytes]:
-    """The manifest `delta` described, and its encoding, checked to be bundle `bundle`."""
+) -> Rebuilt:
+    """The manifest `delta` described, its encoding, checked to be bundle `bundle`, and the
+    entries put (only their blobs can be new to a node that holds base's)."""
     entries = [Entry.from_wire(row) for row in puts]
     names = [path for path in deletes if isinstance(path, str)]
     if len(names) != len(deletes):
@@ -500,7 +509,7 @@ def from_delta(
             f"the changes to {short(base.bundle_id)} do not make {short(bundle)}", bundle
         )
     object.__setattr__(new, "_bundle_id", actual)  # hashed once
-    return new, encoded
+    return Rebuilt(new, encoded, entries)
 
 
 def _replace(manifest: Manifest, puts: list[Entry]) -> Manifest:
