@@ -342,10 +342,11 @@ def fsck(user: bool, state: Path | None) -> None:
     if not store_dir.is_dir():
         sys.exit(f"launch-agent fsck: no store at {store_dir} (use --state)")
     bad = 0
-    for object_id, problem in Store(store_dir).fsck():
+    store = Store(store_dir)
+    for object_id, problem in store.fsck():
         bad += 1
         click.echo(f"{object_id}: {problem}")
-    checked = sum(1 for _ in (store_dir / "objects").rglob("*") if _.is_file())
+    checked = store.count()
     if bad:
         click.echo(f"fsck: {bad} bad object(s) of {checked}", err=True)
         sys.exit(1)

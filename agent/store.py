@@ -1,9 +1,15 @@
-"""The content-addressed object store on disk: this module owns `root/objects` and `root/tmp`.
+"""The content-addressed object store on disk: this module owns `root/objects`, `root/packs`
+and `root/tmp`.
 
-Every object is a file named by the SHA-256 of its bytes (`objects/ab/cdef...`: the first two
-hex digits name a shard directory, the other 62 the file). Nothing enters `objects/` that was
-not hashed first, and an object appears there only by rename after its bytes are on disk, so a
-crash leaves the whole object or none (invariant 1). Objects are read-only once visible.
+An object is a file named by the SHA-256 of its bytes (`objects/ab/cdef...`: the first two
+hex digits name a shard directory, the other 62 the file), or, when it is small and came in a
+batch of many, one of the objects of a pack (`packs/`, agent/packs.py): a tree of thousands
+of small files then costs one file to store, not thousands, which is most of what storing it
+costs. (A departure from DESIGN.md's one file per object, for that reason; large objects stay
+files of their own, which a copy-on-write file system can clone into a code directory.)
+Nothing is stored that was not hashed first, and an object or a pack appears only by rename
+after its bytes are on disk, so a crash leaves the whole object or none (invariant 1). Both
+are read-only once visible.
 
 `materialize` turns a manifest back into a tree. It treats the manifest as hostile and the
 destination as contested: every directory is walked by file descriptor with O_NOFOLLOW, so
@@ -20,14 +26,17 @@ import errno
 import fcntl
 import hashlib
 import itertools
+import logging
 import os
 import sys
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from agent import packs
 from agent.protocol.errors import (
     AmbiguousRef,
     ChecksumMismatch,
@@ -36,13 +45,14 @@ from agent.protocol.errors import (
     ObjectMissing,
 )
 from agent.protocol.objects import (
-    ID_HEX_LEN,
     Entry,
     Manifest,
     blob_id,
     check_object_id,
     short,
 )
+
+log = logging.getLogger("launch-agent")
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 MANIFEST_MEMO = 8  # decoded manifests kept in memory, most recent last
@@ -54,6 +64,10 @@ MANIFEST_MEMO = 8  # decoded manifests kept in memory, most recent last
 COPY_THREADS = 4
 COPY_AHEAD = 16
 THREAD_COPY_BYTES = 256 * 1024
+# Objects smaller than this, PACK_MIN or more of them in one batch, are stored in a pack; so
+# every packed object is materialised on the calling thread.
+PACK_MAX_SIZE = THREAD_COPY_BYTES
+PACK_MIN = 16
 MIN_PREFIX = 4
 _TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL
 _HEX = frozenset("0123456789abcdef")
@@ -86,6 +100,7 @@ class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects"
+        self.packs = self.root / "packs"
         self.tmp = self.root / "tmp"
         self._objects = str(self.objects)  # for string paths on hot loops (no pathlib)
         self._manifests: dict[str, Manifest] = {}  # recently stored or read, by bundle id
@@ -94,26 +109,76 @@ class Store:
         # (An object deleted by hand is still caught: materialising it is ObjectMissing.)
         self._present: set[str] = set()
         self._complete: set[str] = set()  # bundles whose blobs were all found present
+        # Packed objects: id -> (pack file, offset, size); each pack's index read once. Other
+        # processes may add packs (two launchers share a store): a lookup that fails looks
+        # for new ones, at the cost of one stat when there are none.
+        self._packed: dict[str, tuple[str, int, int]] = {}
+        self._pack_names: set[str] = set()
+        self._packs_seen = -1  # st_mtime_ns of packs/ when last listed
+        self._packs_lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
-        for directory, mode in ((self.objects, 0o755), (self.tmp, 0o700)):
+        for directory, mode in ((self.objects, 0o755), (self.packs, 0o755), (self.tmp, 0o700)):
             if not directory.is_dir():
                 directory.mkdir(mode=mode)
                 directory.chmod(mode)  # mkdir's mode is filtered by the umask
 
     def path(self, object_id: str) -> Path:
-        """Where an object lives. An id that is not 64 lowercase hex is InvalidManifest."""
+        """Where an object lives when it is a file of its own (not packed). An id that is not
+        64 lowercase hex is InvalidManifest."""
         check_object_id(object_id)
         return self.objects / object_id[:2] / object_id[2:]
 
     def has(self, object_id: str) -> bool:
-        return object_id in self._present or self._has(check_object_id(object_id))
+        if object_id in self._present:
+            return True
+        check_object_id(object_id)
+        self._load_packs()
+        return self._has(object_id)
 
     def _has(self, object_id: str) -> bool:
-        """has() for an id already checked."""
+        """has() for an id already checked, packs already looked for."""
         if object_id in self._present or os.path.isfile(self._file(object_id)):
             self._present.add(object_id)
             return True
         return False
+
+    def _load_packs(self) -> None:
+        """Read the index of every pack not seen yet (one stat when there is none)."""
+        try:
+            seen = os.stat(self.packs).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if seen == self._packs_seen:
+            return
+        with self._packs_lock:
+            if seen == self._packs_seen:
+                return
+            for name in sorted(os.listdir(self.packs)):
+                if name.endswith(packs.SUFFIX) and name not in self._pack_names:
+                    path = f"{self.packs}/{name}"
+                    try:
+                        entries = self._read_pack_index(path)[0]
+                    except (OSError, packs.CorruptPack) as exc:
+                        # Its objects count as absent (they are sent again); fsck names it.
+                        log.warning("store: pack %s is unreadable: %s", name, exc)
+                        continue
+                    self._add_pack(name, entries)
+            self._packs_seen = seen
+
+    def _add_pack(self, name: str, entries: Iterable[tuple[str, int, int]]) -> None:
+        path = f"{self.packs}/{name}"
+        for object_id, offset, size in entries:
+            self._packed.setdefault(object_id, (path, offset, size))
+            self._present.add(object_id)
+        self._pack_names.add(name)
+
+    @staticmethod
+    def _read_pack_index(path: str) -> tuple[list[tuple[str, int, int]], str]:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            return packs.read_index(fd)
+        finally:
+            os.close(fd)
 
     def _file(self, object_id: str) -> str:
         """path() as a string, without pathlib's cost (thousands of calls per manifest), for
@@ -126,6 +191,9 @@ class Store:
         A shard directory that does not exist answers for every id in it with one stat: the
         first upload to a node asks about thousands of blobs of an empty store."""
         unknown = [check_object_id(i) for i in set(ids) - self._present]
+        if unknown:
+            self._load_packs()
+            unknown = [i for i in unknown if i not in self._present]
         shards = {i[:2] for i in unknown}
         absent = {s for s in shards if not os.path.isdir(f"{self._objects}/{s}")}
         return sorted(i for i in unknown if i[:2] in absent or not self._has(i))
@@ -152,7 +220,7 @@ class Store:
         _verify(object_id, data)
         if self._has(object_id):
             return False
-        return self._write({object_id: data}, batch_sync=False) == 1
+        return self._write({object_id: data}, False, {}) == 1
 
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> int:
         """Store a batch; returns how many objects were new.
@@ -165,32 +233,42 @@ class Store:
         for object_id, data in items:
             _verify(object_id, data)
             pending[object_id] = data
-        pending = {i: d for i, d in pending.items() if not self._has(i)}
-        return self._write(pending, batch_sync=len(pending) > 1 and _SYNCFS is not None)
+        pending = {i: pending[i] for i in self.missing(pending)}
+        small = {i: d for i, d in pending.items() if len(d) < PACK_MAX_SIZE}
+        if len(small) < PACK_MIN:
+            small = {}
+        loose = {i: d for i, d in pending.items() if i not in small}
+        batch_sync = len(loose) + bool(small) > 1 and _SYNCFS is not None
+        return self._write(loose, batch_sync, small)
 
-    def _write(self, pending: dict[str, bytes], batch_sync: bool) -> int:
-        """Temp files, sync, rename into place, fsync each touched directory once."""
-        temps: list[tuple[str, str]] = []
+    def _write(self, loose: dict[str, bytes], batch_sync: bool, packed: dict[str, bytes]) -> int:
+        """Temp files (one per loose object, one for the pack), sync, rename into place, fsync
+        each touched directory once."""
+        temps: list[tuple[str, str]] = []  # (final path, temp path)
         chmod = not modes_exact()
+        pack: tuple[str, list[tuple[str, int, int]]] | None = None
         try:
-            for object_id, data in pending.items():
-                temp = self._write_temp(object_id, data, not batch_sync, chmod)
-                temps.append((object_id, temp))
+            for object_id, data in loose.items():
+                temp = self._write_temp(object_id[:16], (data,), not batch_sync, chmod)
+                temps.append((self._file(object_id), temp))
+            if packed:
+                pieces, index, name = packs.build(packed.items())
+                temp = self._write_temp("pack", pieces, not batch_sync, chmod)
+                temps.append((f"{self.packs}/{name}", temp))
+                pack = (name, index)
             if batch_sync and temps:
                 _syncfs(str(self.tmp))
             # String paths, and each shard looked at once per batch: thousands of objects.
             touched: set[str] = set()
-            for n, (object_id, temp) in enumerate(temps):
-                final = self._file(object_id)
-                shard = final[: -(ID_HEX_LEN - 1)]
-                if shard not in touched and not os.path.isdir(shard):
+            for n, (final, temp) in enumerate(temps):
+                directory = final.rpartition("/")[0]
+                if directory not in touched and not os.path.isdir(directory):
                     with contextlib.suppress(FileExistsError):
-                        os.mkdir(shard, 0o755)
+                        os.mkdir(directory, 0o755)
                     touched.add(self._objects)  # the new shard's own name must be durable too
                 os.rename(temp, final)
-                temps[n] = (object_id, "")  # nothing left to clean up
-                self._present.add(object_id)
-                touched.add(shard)
+                temps[n] = (final, "")  # nothing left to clean up
+                touched.add(directory)
             for directory in sorted(touched, reverse=True):
                 _fsync_dir(directory)
         finally:
@@ -198,22 +276,26 @@ class Store:
                 if temp:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(temp)
-        return len(temps)
+        self._present.update(loose)
+        if pack is not None:
+            self._add_pack(*pack)
+        return len(loose) + len(packed)
 
-    def _write_temp(self, object_id: str, data: bytes, fsync: bool, chmod: bool) -> str:
+    def _write_temp(self, label: str, pieces: Sequence[bytes], fsync: bool, chmod: bool) -> str:
         # Read-only from creation: the object is never visible with a writable mode. Named by
         # process and a counter, unique among this process's threads (no random bytes: a
         # system call per object); a name left by an earlier process of the same pid is
         # skipped.
         while True:
-            temp = f"{self.tmp}/{object_id[:16]}.{os.getpid()}.{next(_TEMP_NUMBERS)}"
+            temp = f"{self.tmp}/{label}.{os.getpid()}.{next(_TEMP_NUMBERS)}"
             try:
                 fd = os.open(temp, _NEW_FILE, 0o444)
                 break
             except FileExistsError:
                 continue
         try:
-            _write_all(fd, data)
+            for data in pieces:
+                _write_all(fd, data)
             if chmod:
                 os.fchmod(fd, 0o444)
             if fsync:
@@ -234,10 +316,18 @@ class Store:
     def read(self, object_id: str) -> bytes:
         """An object's bytes, not hashed again: for sending them to a node, which verifies
         what it stores. ObjectMissing if absent."""
-        try:
-            return self.path(object_id).read_bytes()
-        except FileNotFoundError:
-            raise ObjectMissing(object_id) from None
+        check_object_id(object_id)
+        for attempt in range(2):
+            where = self._packed.get(object_id)
+            if where is not None:
+                return _read_packed(*where)
+            try:
+                with open(self._file(object_id), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                if attempt == 0:
+                    self._load_packs()  # packed meanwhile by another process?
+        raise ObjectMissing(object_id)
 
     def put_manifest(self, manifest: Manifest, encoded: bytes | None = None) -> str:
         """Store a manifest as an object; returns its bundle id.
@@ -256,7 +346,7 @@ class Store:
         # taken when it was checked against the id the launcher named).
         bundle = manifest.bundle_id
         if not self.has(bundle):
-            self._write({bundle: encoded}, batch_sync=False)
+            self._write({bundle: encoded}, False, {})
         self._remember(bundle, manifest)
         return bundle
 
@@ -287,7 +377,9 @@ class Store:
             raise InvalidManifest(f"{prefix!r} is not an object id prefix of 4 to 64 hex", "")
         shard = self.objects / prefix[:2]
         names = sorted(os.listdir(shard)) if shard.is_dir() else []
-        found = [prefix[:2] + n for n in names if n.startswith(prefix[2:]) and _is_hex(n, 62)]
+        loose = {prefix[:2] + n for n in names if n.startswith(prefix[2:]) and _is_hex(n, 62)}
+        self._load_packs()
+        found = sorted(loose.union(i for i in self._packed if i.startswith(prefix)))
         if not found:
             raise ObjectMissing(prefix)
         if len(found) > 1:
@@ -304,13 +396,21 @@ class Store:
             removed += 1
         return removed
 
+    def count(self) -> int:
+        """How many distinct objects are stored, packed or not."""
+        self._load_packs()
+        loose = {s.name + n for s in os.scandir(self.objects) if s.is_dir() for n in os.listdir(s)}
+        return len(loose.union(self._packed))
+
     def fsck(self) -> Iterator[tuple[str, str]]:
         """Re-hash every object; yield (object id or path, problem) for each one that is wrong.
 
-        Problems: content that does not hash to the file's name, files that are not objects
-        (stray or wrong-named), anything that is not a regular file. A healthy store yields
-        nothing.
+        Problems: content that does not hash to the file's name or to its name in a pack's
+        index, files that are not objects or packs (stray or wrong-named), a pack whose index
+        is unreadable or not the one its name says, anything that is not a regular file. A
+        healthy store yields nothing.
         """
+        yield from self._fsck_packs()
         for shard in sorted(os.scandir(self.objects), key=lambda e: e.name):
             if not (shard.is_dir(follow_symlinks=False) and _is_hex(shard.name, 2)):
                 yield shard.path, "stray entry: not an object shard directory"
@@ -331,21 +431,55 @@ class Store:
                     if actual != object_id:
                         yield object_id, f"corrupt: content hashes to {short(actual)}"
 
+    def _fsck_packs(self) -> Iterator[tuple[str, str]]:
+        for entry in sorted(os.scandir(self.packs), key=lambda e: e.name):
+            name = entry.name
+            if not (name.endswith(packs.SUFFIX) and _is_hex(name[: -len(packs.SUFFIX)], 64)):
+                yield entry.path, "stray entry: not a pack"
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                yield entry.path, "not a regular file"
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                yield entry.path, f"unreadable: {exc}"
+                continue
+            try:
+                try:
+                    index, proper = packs.read_index(fd)
+                except (OSError, packs.CorruptPack) as exc:
+                    yield entry.path, f"corrupt pack: {exc}"
+                    continue
+                if proper != name:
+                    yield entry.path, f"corrupt pack: its index hashes to {proper}"
+                for object_id, offset, size in index:
+                    try:
+                        actual = blob_id(packs.read_object(fd, offset, size))
+                    except (OSError, packs.CorruptPack) as exc:
+                        yield object_id, f"unreadable in pack {short(name)}: {exc}"
+                        continue
+                    if actual != object_id:
+                        yield object_id, f"corrupt in pack {short(name)}: hashes to {short(actual)}"
+            finally:
+                os.close(fd)
+
     def materialize(self, manifest: Manifest, dest: Path) -> None:
         """Write the tree of `manifest` at `dest`, which must not exist or be an empty directory.
 
-        Files are 0o444, executables 0o555, directories 0o755. Entries are re-checked (the
-        manifest may not have been validated) and every blob must be present before anything
-        is created: InvalidManifest, ObjectMissing (listing all missing ids) or JobStateError
-        (dest in the way) leave dest untouched. A clash found while writing (a file and a
-        directory of one name, a directory swapped for a symlink) is InvalidManifest and may
-        leave a partial tree in dest, but nothing is ever written outside dest: callers
-        materialise into a staging directory and rename it into place. dest's parent must
-        exist (else FileNotFoundError). Blobs are cloned, not re-hashed: they were verified
-        on the way in, and `fsck` re-verifies them.
+        Files are 0o444, executables 0o555, directories 0o755. Entries are checked (unless
+        the manifest was validated: Manifest.validated), and every blob must be present before
+        anything is created: InvalidManifest, ObjectMissing (listing all missing ids) or
+        JobStateError (dest in the way) leave dest untouched. A clash found while writing (a
+        file and a directory of one name, a directory swapped for a symlink) is
+        InvalidManifest and may leave a partial tree in dest, but nothing is ever written
+        outside dest: callers materialise into a staging directory and rename it into place.
+        dest's parent must exist (else FileNotFoundError). Blobs are cloned or copied, not
+        re-hashed: they were verified on the way in, and `fsck` re-verifies them.
         """
-        for entry in manifest.entries:
-            entry.check()
+        if not manifest.validated:
+            for entry in manifest.entries:
+                entry.check()
         missing = self.lacks(manifest)  # at once for a tree that a prepare just checked
         if missing:
             raise ObjectMissing(missing)
@@ -354,7 +488,7 @@ class Store:
             groups[tuple(entry.path.split("/")[:-1])].append(entry)
         dirs = sorted({p[:n] for p in groups for n in range(1, len(p) + 1)})
         root_fd = _open_dest(Path(dest))
-        clone = _Cloner()
+        clone = _Cloner(self._packed)
         chmod = not modes_exact()
         try:
             with ThreadPoolExecutor(COPY_THREADS) as pool:
@@ -362,7 +496,7 @@ class Store:
 
                 def fill(parts: tuple[str, ...], dir_fd: int) -> None:
                     for entry in groups.get(parts, ()):
-                        if entry.size < THREAD_COPY_BYTES:
+                        if entry.size < THREAD_COPY_BYTES or entry.blob in self._packed:
                             self._create(dir_fd, entry, clone, chmod)
                             continue
                         pending.append(
@@ -389,6 +523,7 @@ class Store:
                     pending.popleft().result()
         finally:
             os.close(root_fd)
+            clone.close()
 
     def _create_closing(self, dir_fd: int, entry: Entry, clone: _Cloner, chmod: bool) -> None:
         """_create on a copy thread, with a descriptor of the directory of its own."""
@@ -405,6 +540,16 @@ class Store:
                 os.symlink(entry.target, name, dir_fd=dir_fd)
                 return
             mode = 0o555 if entry.kind == "exec" else 0o444
+            data = clone.packed(entry.blob)
+            if data is not None:
+                dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
+                try:
+                    _write_all(dst, data)
+                    if chmod:
+                        os.fchmod(dst, mode)
+                finally:
+                    os.close(dst)
+                return
             try:
                 src = os.open(self._file(entry.blob), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -444,10 +589,30 @@ def _make_child(parent_fd: int, parts: Sequence[str], chmod: bool) -> int:
 class _Cloner:
     """Copies for one materialisation: a copy-on-write clone (FICLONE) where the file system
     can (btrfs, XFS); once one is refused as unsupported, the rest of the tree, on the same
-    file systems, goes straight to the in-kernel copy. A full disk or an I/O error is raised."""
+    file systems, goes straight to the in-kernel copy. A full disk or an I/O error is raised.
+    Packed objects are read from their packs, each opened once (on the calling thread only:
+    every packed object is small)."""
 
-    def __init__(self) -> None:
+    def __init__(self, packed: dict[str, tuple[str, int, int]]) -> None:
         self.reflink = True
+        self._packed = packed
+        self._packs: dict[str, int] = {}
+
+    def packed(self, object_id: str) -> bytes | None:
+        """A packed object's bytes, or None when it is a file of its own."""
+        where = self._packed.get(object_id)
+        if where is None:
+            return None
+        path, offset, size = where
+        fd = self._packs.get(path)
+        if fd is None:
+            fd = self._packs[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return _read_packed(path, offset, size, fd)
+
+    def close(self) -> None:
+        for fd in self._packs.values():
+            os.close(fd)
+        self._packs.clear()
 
     def __call__(self, src: int, dst: int) -> None:
         if self.reflink:
@@ -474,6 +639,21 @@ def modes_exact() -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def _read_packed(path: str, offset: int, size: int, fd: int | None = None) -> bytes:
+    """An object's bytes from its pack (open at `fd`, else opened here); a pack cut short
+    is an I/O error."""
+    own = fd is None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return packs.read_object(fd, offset, size)
+    except packs.CorruptPack as exc:
+        raise OSError(errno.EIO, f"pack {path}: {exc}") from None
+    finally:
+        if own:
+            os.close(fd)
 
 
 def _verify(object_id: str, data: bytes) -> None:

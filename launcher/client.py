@@ -68,11 +68,14 @@ class AgentClient:
             timeout = TIMEOUTS.get(method, DEFAULT_TIMEOUT)
         if self._broken is not None:
             raise self._broken
-        rid, data = self._rpc.send_request(method, params or {})
+        rid, parts = self._rpc.send_request_parts(method, params or {})
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
         try:
-            self._writer.write(data)
+            for part in parts:
+                # As a view: what the socket does not take at once is then buffered by one
+                # copy, not sliced into a new bytes object first (megabytes, per node).
+                self._writer.write(memoryview(part))
             await self._writer.drain()
         except (ConnectionError, OSError) as exc:
             self._waiting.pop(rid, None)

@@ -248,7 +248,6 @@ async def _run_on(
         manifest, source, frozen = await tree
         # The freeze may know what changed since that bundle (it froze it last).
         changes = frozen.changes if frozen is not None and frozen.base == near else None
-        missing = await upload_bundle(conns, manifest, store, progress, near, changes)
         params = {
             "job": job,
             "bundle": manifest.bundle_id,
@@ -269,13 +268,19 @@ async def _run_on(
             "gpus": opts.gpus_per_node,
             "near": near or "",
         }
+        prepared: dict[int, Any] = {}
+
+        async def prepare(conn: NodeConn) -> None:
+            prepared[conn.rank] = await conn.client.call("prepare", {**params, "rank": conn.rank})
+
         try:
             if opts.gpus_per_node != 0:
                 # GPUs of node 0 first, by a quick reservation: of two launchers after the
                 # same nodes, one gets node 0 and the other stops there, holding nothing.
                 await conns[0].client.call("reserve", {"job": job, "gpus": opts.gpus_per_node})
-            prepared = await on_each(
-                conns, lambda c: c.client.call("prepare", {**params, "rank": c.rank}), "prepare"
+            # Each node prepares as soon as it holds the bundle, not after the slowest.
+            missing = await upload_bundle(
+                conns, manifest, store, progress, near, changes, then=prepare
             )
         except BaseException:
             await on_each_settled(conns, lambda c: c.client.call("abort", {"job": job}))
@@ -283,7 +288,7 @@ async def _run_on(
         start = {
             "job": job,
             "master_addr": conns[0].address,
-            "master_port": int(prepared[0]["port"]),
+            "master_port": int(prepared[conns[0].rank]["port"]),
         }
         try:
             await on_each(conns, lambda c: c.client.call("start", start), "start")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from agent.protocol.objects import Entry, Manifest, delta
 from agent.protocol.rpc import Packed, pack_params
 from launcher.fleet import NodeConn, on_each
 
-BATCH_BYTES = 16 * 2**20
+BATCH_BYTES = 4 * 2**20
 INLINE_BYTES = 8 * 2**20  # new content up to this travels with the manifest or patch
 READ_AHEAD = 4  # batches of blobs read and kept for the nodes that need them
 
@@ -39,6 +39,7 @@ async def upload_bundle(
     progress: UploadProgress | None = None,
     base: str | None = None,
     changes: Sequence[Entry] | None = None,
+    then: Callable[[NodeConn], Awaitable[Any]] | None = None,
 ) -> list[list[str]]:
     """Give every node the manifest and the blobs it lacks (from the local store); returns
     the blobs each node was sent. With `base`, a bundle the nodes probably hold (the last one
@@ -46,7 +47,9 @@ async def upload_bundle(
     they add when it is small: a node then decodes and checks only what changed, not
     thousands of entries, and a small change needs no second round trip. `changes`, when
     given, are the entries that differ from `base` with the same paths (what a freeze saw):
-    then the trees are not compared here either."""
+    then the trees are not compared here either. `then(node)` runs on each node as soon as
+    that node holds everything (a submit prepares it), while others still receive theirs:
+    node by node, not after the slowest."""
     progress = progress or UploadProgress()
     full = {"manifest": manifest.encode()}  # once, not once per node
     sizes = {e.blob: e.size for e in manifest.entries}
@@ -66,13 +69,15 @@ async def upload_bundle(
     total = sum(sizes[b] for ids in missing for b in ids)
     progress.on_upload_start(total, sum(len(ids) for ids in missing))
     reader = _BatchReader(store)
-    plans = [_batches(ids, sizes) for ids in missing]
+    plans = {c.rank: _batches(ids, sizes) for c, ids in zip(conns, missing, strict=True)}
+
+    async def give(conn: NodeConn) -> None:
+        await _send_blobs(conn, plans[conn.rank], reader, progress.on_upload)
+        if then is not None:
+            await then(conn)
+
     try:
-        await on_each(
-            conns,
-            lambda c: _send_blobs(c, plans[conns.index(c)], reader, progress.on_upload),
-            "upload",
-        )
+        await on_each(conns, give, "upload" if then is None else "upload or prepare")
     finally:
         reader.close()
         progress.on_upload_end()

@@ -257,7 +257,7 @@ class Manifest:
         """Sort and validate (duplicates, case clashes, file-versus-directory clashes)."""
         ordered = tuple(sorted(entries, key=lambda e: e.path))
         _validate(ordered)
-        return cls(ordered)
+        return cls(ordered)._vouched(True)
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
@@ -287,7 +287,18 @@ class Manifest:
         manifest = cls(entries)
         if manifest.encode() != data:
             raise InvalidManifest("manifest is not in canonical form", "")
-        return manifest
+        return manifest._vouched(True)
+
+    def _vouched(self, valid: bool) -> Manifest:
+        if valid:
+            object.__setattr__(self, "_valid", True)
+        return self
+
+    @property
+    def validated(self) -> bool:
+        """Whether every entry was checked: true of a manifest from `of` or `decode`, or
+        changed from one by apply_changes; not of one made by calling Manifest(entries)."""
+        return bool(self.__dict__.get("_valid"))
 
     def encode(self) -> bytes:
         # Kept: a manifest is a value, and its encoding is asked for again (its id, storing
@@ -452,7 +463,7 @@ def apply_changes(
         index = index.copy()
         for entry in sorted(added, key=_path_of):
             index.add(entry.path)
-    result = Manifest(tuple(sorted(current.values(), key=_path_of)))
+    result = Manifest(tuple(sorted(current.values(), key=_path_of)))._vouched(manifest.validated)
     if not deleted:
         object.__setattr__(result, "_index", index)
     return result
@@ -521,7 +532,7 @@ def _replace(manifest: Manifest, puts: list[Entry]) -> Manifest:
     for entry in puts:
         i = bisect.bisect_left(manifest.paths, entry.check().path)
         entries[i] = replaced[i] = entry
-    result = Manifest(tuple(entries))
+    result = Manifest(tuple(entries))._vouched(manifest.validated)
     object.__setattr__(result, "_paths", manifest.paths)
     if "_index" in manifest.__dict__:
         object.__setattr__(result, "_index", manifest.index)

@@ -229,6 +229,13 @@ class Connection:
 
     def send_request(self, method: str, params: Any) -> tuple[int, bytes]:
         """Bytes of a new request and the id its response will carry."""
+        rid, parts = self.send_request_parts(method, params)
+        return rid, b"".join(parts)
+
+    def send_request_parts(self, method: str, params: Any) -> tuple[int, tuple[bytes, ...]]:
+        """send_request, its bytes in pieces to be sent one after the other: Packed params
+        stay the buffer they are, not copied into one frame per peer (a batch of blobs is
+        megabytes, sent to eight nodes)."""
         self._check_sendable()
         if self.role is not Role.CLIENT:
             self._local_error("a server does not send requests")
@@ -242,9 +249,9 @@ class Connection:
         if isinstance(params, Packed):
             # A msgpack array is its header and its items, one after the other: the request
             # is [REQUEST, rid, method] with one more item, the encoded params, appended.
-            head = self._encode([REQUEST, rid, method])
-            return rid, self._join(b"\x94" + head[1:], params)
-        return rid, self._frame([REQUEST, rid, method, params])
+            head = b"\x94" + self._encode([REQUEST, rid, method])[1:]
+            return rid, (self._header(len(head) + len(params)) + head, params)
+        return rid, (self._frame([REQUEST, rid, method, params]),)
 
     def send_response(
         self, rid: int, result: Any = None, error: LaunchError | None = None
@@ -275,7 +282,8 @@ class Connection:
             raise LocalProtocolError("connection is dead after a protocol error")
 
     def _frame(self, message: list[Any]) -> bytes:
-        return self._join(self._encode(message))
+        data = self._encode(message)
+        return self._header(len(data)) + data
 
     def _encode(self, message: list[Any]) -> bytes:
         try:
@@ -283,11 +291,10 @@ class Connection:
         except Exception as exc:
             self._local_error(f"cannot encode message: {exc}")
 
-    def _join(self, *parts: bytes) -> bytes:
-        size = sum(len(p) for p in parts)
+    def _header(self, size: int) -> bytes:
         if size > self.max_frame:
             self._local_error(f"message of {size} bytes exceeds {self.max_frame}")
-        return b"".join((HEADER.pack(size), *parts))
+        return HEADER.pack(size)
 
     def _local_error(self, reason: str) -> NoReturn:
         # Our side broke the protocol: the connection is dead, as after a remote error.
