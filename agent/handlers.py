@@ -27,7 +27,7 @@ from agent.paths import StatePaths, check_job_id
 from agent.protocol import messages as m
 from agent.protocol.errors import InvalidParams, JobNotFound
 from agent.protocol.objects import Entry, Manifest, check_object_id, from_delta, object_kind
-from agent.protocol.rpc import negotiate
+from agent.protocol.rpc import DEFAULT_MAX_FRAME, negotiate
 from agent.revlog import ACTIVE, RevLog
 from agent.store import Store
 
@@ -100,8 +100,11 @@ async def missing(agent: Agent, caller: Caller, p: m.Missing, notify: Notify) ->
 
 
 async def put_blobs(agent: Agent, caller: Caller, p: m.PutBlobs, notify: Notify) -> Any:
-    stored = await asyncio.to_thread(agent.store.put_many, m.blob_items(p.blobs))
-    return {"stored": stored}
+    def store() -> int:
+        items = m.unzip_blobs(p.zipped, DEFAULT_MAX_FRAME) if p.zipped else []
+        return agent.store.put_many([*items, *m.blob_items(p.blobs)])
+
+    return {"stored": await asyncio.to_thread(store)}
 
 
 async def put_manifest(agent: Agent, caller: Caller, p: m.PutManifest, notify: Notify) -> Any:

@@ -53,6 +53,11 @@ class AgentClient:
         self._broken: LaunchError | None = None
         self.hello: dict[str, Any] = {}
 
+    @property
+    def version(self) -> int:
+        """The protocol version agreed with the agent by hello."""
+        return self._rpc.peer_version or 1
+
     async def call(
         self,
         method: str,

@@ -24,12 +24,20 @@ from typing import TYPE_CHECKING, Any
 from agent.protocol.errors import Busy, LaunchError, NodeUnreachable
 from agent.protocol.objects import Manifest, Source, object_kind
 from launcher import home
-from launcher.fleet import NodeConn, on_each, on_each_settled, open_fleet, open_fleet_settled
+from launcher.fleet import (
+    NodeConn,
+    failed,
+    on_each,
+    on_each_settled,
+    open_fleet,
+    open_fleet_settled,
+)
 from launcher.nodes import Node, ensure_local_agents
 from launcher.pending import PendingStore
 from launcher.placement import Candidate, busy_report, choose
 from launcher.records import JobRecord, Records
-from launcher.upload import UploadProgress, upload_bundle
+from launcher.scope import background_tasks
+from launcher.upload import BlobFeed, UploadProgress, stream_blobs, upload_bundle
 
 if TYPE_CHECKING:
     from launcher.freeze import Frozen  # imported where a freeze runs
@@ -144,18 +152,23 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
     nodes never deadlock; otherwise it fails with Busy (exit 6) naming what holds them.
     """
     progress = progress or Progress()
-    # The freeze's local writes wait until the job has started (launcher/pending.py).
+    # The freeze's local writes wait until the job has started (launcher/pending.py), and
+    # what it reads goes to the nodes while it reads on (upload.stream_blobs).
     store = PendingStore(local_store())
+    feed = BlobFeed(asyncio.get_running_loop())
+    store.on_blobs = feed.push
     try:
-        return await _submit(opts, progress, store)
+        return await _submit(opts, progress, store, feed)
     finally:
         await asyncio.to_thread(store.settle)
 
 
-async def _submit(opts: SubmitOptions, progress: Progress, store: PendingStore) -> Submitted:
+async def _submit(
+    opts: SubmitOptions, progress: Progress, store: PendingStore, feed: BlobFeed
+) -> Submitted:
     # The freeze runs while the nodes are placed and opened (on a real cluster, round trips
     # that cost more than the freeze): _run_on awaits it once its connections are up.
-    tree = asyncio.ensure_future(_tree(opts, progress, store))
+    tree = asyncio.ensure_future(_tree(opts, progress, store, feed))
     try:
         if any(node.kind == "local" for node in opts.nodes):
             await tree  # a bad source tree must not bring up local agents as a side effect
@@ -164,7 +177,7 @@ async def _submit(opts: SubmitOptions, progress: Progress, store: PendingStore) 
         while True:
             try:
                 nodes = await _place(opts)
-                job, conns_info, missing = await _run_on(opts, nodes, tree, progress, store)
+                job, conns_info, missing = await _run_on(opts, nodes, tree, progress, store, feed)
                 break
             except* Busy as group:
                 if opts.wait is None or (deadline is not None and time.monotonic() > deadline):
@@ -224,12 +237,16 @@ async def _place(opts: SubmitOptions) -> list[Node]:
 
 
 async def _tree(
-    opts: SubmitOptions, progress: Progress, store: PendingStore
+    opts: SubmitOptions, progress: Progress, store: PendingStore, feed: BlobFeed
 ) -> tuple[Manifest, Source, Frozen | None]:
     """What to run: the frozen source tree, or the manifest given."""
     if opts.manifest is not None:
+        feed.close()
         return opts.manifest, Source(), None
-    frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size, store)
+    try:
+        frozen = await asyncio.to_thread(freeze_dir, opts.directory, opts.max_file_size, store)
+    finally:
+        feed.close()
     progress.on_frozen(frozen)
     return frozen.manifest, frozen.source, frozen
 
@@ -240,12 +257,18 @@ async def _run_on(
     tree: Awaitable[tuple[Manifest, Source, Frozen | None]],
     progress: Progress,
     store: PendingStore,
+    feed: BlobFeed,
 ) -> tuple[str, list[str], list[list[str]]]:
     """Two phases on exactly these nodes; nothing starts unless every node prepared."""
     job = new_job_id()
     near = _last_bundle(opts)
-    async with open_fleet(nodes) as conns:
+    async with open_fleet(nodes) as conns, background_tasks() as scope:
+        streaming = scope.spawn(stream_blobs(conns, store, feed))
         manifest, source, frozen = await tree
+        outcomes = await streaming
+        if failures := [r for r in outcomes if isinstance(r, LaunchError)]:
+            raise failed(f"upload failed on {len(failures)} of {len(conns)} nodes", failures)
+        streamed = [r for r in outcomes if not isinstance(r, LaunchError)]
         # The freeze may know what changed since that bundle (it froze it last).
         changes = frozen.changes if frozen is not None and frozen.base == near else None
         params = {
@@ -282,6 +305,7 @@ async def _run_on(
             missing = await upload_bundle(
                 conns, manifest, store, progress, near, changes, then=prepare
             )
+            missing = [[*early, *late] for early, late in zip(streamed, missing, strict=True)]
         except BaseException:
             await on_each_settled(conns, lambda c: c.client.call("abort", {"job": job}))
             raise

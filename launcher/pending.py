@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from agent.store import Store
 
 PENDING_BYTES = 256 * 2**20  # blobs kept in memory at most; more are written as they come
+STREAM_BATCH_BYTES = 4 * 2**20  # a freeze's batches: nothing is synced per batch here
 
 
 class PendingStore:
@@ -41,6 +42,10 @@ class PendingStore:
         self.size = 0
         self.manifests: list[tuple[Manifest, bytes | None]] = []
         self.after: list[Callable[[], None]] = []
+        # Told of each batch stored (from the freeze's thread), so an upload can send it
+        # while the freeze goes on; batches are smaller (batch_bytes) for that.
+        self.on_blobs: Callable[[list[tuple[str, bytes]]], None] | None = None
+        self.batch_bytes = STREAM_BATCH_BYTES
 
     def has(self, object_id: str) -> bool:
         return (
@@ -72,10 +77,14 @@ class PendingStore:
             size = sum(len(d) for _, d in batch)
             if self.settled or self.size + size > self.budget:
                 self._write_blobs()
-                return self.store.put_many(batch)
-            self.blobs.update(batch)
-            self.size += size
-            return len(batch)
+                stored = self.store.put_many(batch)
+            else:
+                self.blobs.update(batch)
+                self.size += size
+                stored = len(batch)
+        if self.on_blobs is not None and batch:
+            self.on_blobs(batch)
+        return stored
 
     def put_manifest(self, manifest: Manifest, encoded: bytes | None = None) -> str:
         with self.lock:

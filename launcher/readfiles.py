@@ -77,6 +77,7 @@ def read_all(
     batch: list[tuple[str, bytes]] = []
     batch_bytes = 0
     batched: set[str] = set()
+    limit = getattr(store, "batch_bytes", BATCH_BYTES)  # a PendingStore's are smaller
     for outcomes in _map_chunks(top, chunks, max_file_size, git_ids, parallel):
         for path, kind, key, data, blob, git_blob in outcomes:
             if data is None:
@@ -97,7 +98,7 @@ def read_all(
                 batched.add(blob)
                 batch.append((blob, data))
                 batch_bytes += len(data)
-                if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_FILES:
+                if batch_bytes >= limit or len(batch) >= BATCH_FILES:
                     store.put_many(batch)
                     batch, batch_bytes = [], 0
     if batch:

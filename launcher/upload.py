@@ -2,6 +2,10 @@
 probably hold, when there is one) and then only the blobs each node lacks, read once from the
 launcher's local store for every node that needs them, in batches, with the next batch on its
 way while a node stores the last (it verifies every blob).
+
+A freeze that reads much (a cold tree) need not finish before the nodes get anything: the
+batches it stores are fed (`BlobFeed`) to `stream_blobs`, which sends each node the blobs of
+a batch it lacks while the freeze reads the next; the manifest then finds little missing.
 """
 
 from __future__ import annotations
@@ -9,18 +13,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol.errors import ObjectMissing
+from agent.protocol.errors import LaunchError, ObjectMissing
+from agent.protocol.messages import zip_blobs
 from agent.protocol.objects import Entry, Manifest, delta
 from agent.protocol.rpc import Packed, pack_params
-from launcher.fleet import NodeConn, on_each
+from launcher.fleet import NodeConn, on_each, on_each_settled
 
 BATCH_BYTES = 4 * 2**20
 INLINE_BYTES = 8 * 2**20  # new content up to this travels with the manifest or patch
 READ_AHEAD = 4  # batches of blobs read and kept for the nodes that need them
+IN_FLIGHT = 3  # batches on their way to one node at most: one stored, the others coming
+# Batches a freeze stores of FEED_MIN_BYTES or more are sent while it goes on. Smaller ones
+# (a few edited files) wait for the manifest, which carries small content itself: asking a
+# node first would cost a round trip.
+FEED_MIN_BYTES = 2**20
 
 
 @dataclass
@@ -68,7 +78,7 @@ async def upload_bundle(
     missing = [lacked for _, lacked in answers]
     total = sum(sizes[b] for ids in missing for b in ids)
     progress.on_upload_start(total, sum(len(ids) for ids in missing))
-    reader = _BatchReader(store)
+    reader = _BatchReader(store, _worth_zipping(conns))
     plans = {c.rank: _batches(ids, sizes) for c, ids in zip(conns, missing, strict=True)}
 
     async def give(conn: NodeConn) -> None:
@@ -96,6 +106,13 @@ async def _put_manifest(
     return [], list(result["missing"])
 
 
+def _worth_zipping(conns: Sequence[NodeConn]) -> bool:
+    """Whether to send blobs compressed: to nodes over SSH (each byte is encrypted, sent and
+    decrypted, per node; on a real network, it is also the slow part) that all speak
+    protocol 2. To an agent on this machine, a copy costs less than inflating."""
+    return all(c.node.kind == "ssh" and c.client.version >= 2 for c in conns)
+
+
 def _batches(ids: list[str], sizes: dict[str, int]) -> list[tuple[str, ...]]:
     """`ids` in order, cut in batches of up to BATCH_BYTES by the manifest's sizes."""
     out: list[tuple[str, ...]] = []
@@ -118,8 +135,9 @@ class _BatchReader:
     put_blobs params (with its size in bytes). At most READ_AHEAD batches are kept; a node
     that falls further behind reads its own again."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, zipped: bool = False) -> None:
         self.store = store
+        self.zipped = zipped
         self.reads: dict[tuple[str, ...], asyncio.Future[tuple[Packed, int]]] = {}
 
     def read(self, batch: tuple[str, ...]) -> asyncio.Future[tuple[Packed, int]]:
@@ -136,7 +154,11 @@ class _BatchReader:
 
     def _read(self, batch: tuple[str, ...]) -> tuple[Packed, int]:
         items = [[blob, self.store.read(blob)] for blob in batch]
-        return pack_params({"blobs": items}), sum(len(data) for _, data in items)
+        size = sum(len(data) for _, data in items)
+        zipped = zip_blobs(items) if self.zipped else None
+        if zipped is not None:
+            return pack_params({"zipped": zipped}), size
+        return pack_params({"blobs": items}), size
 
     def _drop(self, batch: tuple[str, ...]) -> None:
         future = self.reads.pop(batch)
@@ -166,7 +188,7 @@ async def _send_blobs(
                 reader.read(batches[k + 1])  # read ahead
             params, size = await reader.read(batch)
             inflight.append((asyncio.ensure_future(conn.client.call("put_blobs", params)), size))
-            if len(inflight) > 1:  # at most two batches on their way to one node
+            if len(inflight) >= IN_FLIGHT:
                 task, size = inflight.popleft()
                 await task
                 on_bytes(size)
@@ -176,3 +198,79 @@ async def _send_blobs(
     finally:
         for task, _ in inflight:
             task.cancel()
+
+
+class BlobFeed:
+    """Batches of blob ids a freeze has stored, in order, as it stores them. Filled from the
+    freeze's thread (`push`); read on the event loop by any number of readers, each from the
+    first batch (a submit that retries on other nodes reads it again)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.batches: list[tuple[str, ...]] = []
+        self.closed = False
+        self._more = asyncio.Event()
+
+    def push(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """From any thread: a batch just stored (only batches of FEED_MIN_BYTES or more)."""
+        if sum(len(data) for _, data in items) >= FEED_MIN_BYTES:
+            self.loop.call_soon_threadsafe(self._add, tuple(i for i, _ in items))
+
+    def close(self) -> None:
+        """On the loop: no more batches (the freeze ended, however it ended)."""
+        self.closed = True
+        self._wake()
+
+    def _add(self, batch: tuple[str, ...]) -> None:
+        self.batches.append(batch)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._more.set()
+        self._more = asyncio.Event()
+
+    async def follow(self) -> AsyncIterator[tuple[str, ...]]:
+        n = 0
+        while True:
+            if n < len(self.batches):
+                n += 1
+                yield self.batches[n - 1]
+            elif self.closed:
+                return
+            else:
+                await self._more.wait()
+
+
+async def stream_blobs(
+    conns: list[NodeConn], store: Any, feed: BlobFeed
+) -> list[list[str] | LaunchError]:
+    """Send each node the blobs of every batch in `feed` that it lacks, as the batches come,
+    until the feed is closed; per node, the blobs sent, or what went wrong there (the
+    upload that follows names it)."""
+    reader = _BatchReader(store, _worth_zipping(conns))
+
+    async def follow(conn: NodeConn) -> list[str]:
+        sent: list[str] = []
+        inflight: collections.deque[asyncio.Future[Any]] = collections.deque()
+        try:
+            async for batch in feed.follow():
+                answer = await conn.client.call("missing", {"blobs": list(batch)})
+                lacking = tuple(answer["missing"])  # sorted: nodes alike share one encoding
+                if not lacking:
+                    continue
+                params, _ = await reader.read(lacking)
+                inflight.append(asyncio.ensure_future(conn.client.call("put_blobs", params)))
+                sent.extend(lacking)
+                if len(inflight) >= IN_FLIGHT:
+                    await inflight.popleft()
+            while inflight:
+                await inflight.popleft()
+        finally:
+            for task in inflight:
+                task.cancel()
+        return sent
+
+    try:
+        return await on_each_settled(conns, follow)
+    finally:
+        reader.close()

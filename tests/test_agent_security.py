@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from hypothesis import strategies as st
 from agent.daemon import call_once, exchange
 from agent.protocol import messages
 from agent.protocol.errors import (
+    ChecksumMismatch,
     InternalError,
     InvalidManifest,
     InvalidParams,
@@ -709,6 +711,12 @@ def test_fixed_hostile_frames(fuzz_target: tuple[AgentProc, WellBehaved]) -> Non
         ("missing", {"blobs": [1, 2]}, InvalidParams),
         ("put_blobs", {"blobs": [["a"]]}, InvalidParams),
         ("put_blobs", {"blobs": [["a", "not bytes"]]}, InvalidParams),
+        ("put_blobs", {"zipped": b"not zlib"}, InvalidParams),
+        ("put_blobs", {"zipped": zlib.compress(b"\x93\x01\x02")}, InvalidParams),  # no list
+        ("put_blobs", {"zipped": zlib.compress(msgpack.packb([["a", b"x"]]))}, InvalidManifest),
+        ("put_blobs", {"zipped": zlib.compress(b"\x90")[:-3]}, InvalidParams),  # cut short
+        # A small message that inflates past the frame limit is refused, not inflated.
+        ("put_blobs", {"zipped": zlib.compress(bytes(DEFAULT_MAX_FRAME + 1), 9)}, InvalidParams),
         ("prepare", {"job": "j-x", "bundle": "b", "argv": []}, InvalidParams),
         ("prepare", {"job": "j-x", "bundle": "b", "argv": "sh"}, InvalidParams),
         ("prepare", {"job": "j-x", "bundle": "b", "argv": ["sh"], "env": {"A": 1}}, InvalidParams),
@@ -732,6 +740,23 @@ def test_fixed_hostile_frames(fuzz_target: tuple[AgentProc, WellBehaved]) -> Non
     jobs_dir = agent.state / "jobs"
     assert not jobs_dir.exists() or list(jobs_dir.iterdir()) == []  # nothing was prepared
     assert not (agent.state.parent / "etc").exists()
+
+
+def test_put_blobs_compressed_are_verified_and_stored(agent: AgentProc) -> None:
+    """Blobs sent zipped (protocol 2) are stored as any others, each checked against its id;
+    one wrong blob refuses the batch."""
+    blobs = [f"line {n}\n".encode() * 50 for n in range(40)]
+    items = [[blob_id(b), b] for b in blobs]
+    zipped = messages.zip_blobs(items)
+    assert zipped is not None and len(zipped) < sum(len(b) for b in blobs) / 3
+    assert agent.call("put_blobs", {"zipped": zipped}) == {"stored": len(blobs)}
+    assert agent.call("missing", {"blobs": [i for i, _ in items]}) == {"missing": []}
+    assert agent.call("cat", {"id": items[7][0]})["data"] == blobs[7]
+
+    forged = [[blob_id(b"other"), b"not other"], *[[blob_id(b), b] for b in (b"x", b"y")]]
+    with pytest.raises(ChecksumMismatch):
+        agent.call("put_blobs", {"zipped": zlib.compress(msgpack.packb(forged))})
+    assert agent.call("missing", {"blobs": [blob_id(b"x")]}) == {"missing": [blob_id(b"x")]}
 
 
 def submit_bundle(agent: AgentProc) -> str:

@@ -9,6 +9,8 @@ this venv's interpreter.
 
 from __future__ import annotations
 
+import hashlib
+import random
 import re
 import warnings
 from collections.abc import Iterator
@@ -20,7 +22,15 @@ import psutil
 import pytest
 import sshd
 from agents import AgentFactory, AgentProc
-from launcher_env import PYTHON, LaunchHome, Result, agent_command, process_gone, write_tree
+from launcher_env import (
+    PYTHON,
+    LaunchHome,
+    Result,
+    agent_command,
+    process_gone,
+    wait_state,
+    write_tree,
+)
 
 pytestmark = pytest.mark.skipif(sshd.available() is not None, reason=str(sshd.available()))
 
@@ -129,6 +139,49 @@ def test_submit_on_four_nodes_over_ssh_and_connections_persist(cluster: Cluster)
         assert node["hostname"] and node["cpus"] >= 1 and node["memory_total"] > 0
     assert cluster.server.accepted() == logins
     assert cluster.home.holder_pid() == holder
+
+
+TREE_DIGEST = """\
+import hashlib, pathlib
+digest = hashlib.sha256()
+for path in sorted(pathlib.Path("pkg").rglob("*.py")):
+    digest.update(path.name.encode() + b"\\0" + path.read_bytes())
+print("tree", digest.hexdigest(), flush=True)
+"""
+
+
+def test_a_large_cold_tree_arrives_whole_each_blob_sent_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A 12 MB tree, several freeze batches: sent while the freeze still reads it, and
+    compressed over SSH. Each node is sent every blob exactly once, every rank reads exactly
+    the bytes frozen, and the next submit sends none."""
+    token = tmp_path.name  # content no agent holds yet
+    files = {"digest.py": f"# {token}\n{TREE_DIGEST}"}
+    for n in range(300):
+        rng = random.Random(f"{token}-{n}")
+        files[f"pkg/m{n // 50}/f{n:03d}.py"] = "".join(
+            f"value_{n}_{i} = {rng.random()!r}  # {rng.getrandbits(64):x}\n" for i in range(700)
+        )
+    files["launch.toml"] = (cluster.src / "launch.toml").read_text() + f"# {token}\n"
+    src = write_tree(tmp_path / "big", files)
+    assert sum(len(t) for t in files.values()) > 10 * 2**20
+    expected = hashlib.sha256()
+    for path in sorted((src / "pkg").rglob("*.py")):
+        expected.update(path.name.encode() + b"\0" + path.read_bytes())
+
+    args = ("--json", "--", PYTHON, "digest.py")
+    first = cluster.submit(*args, src=src, timeout=300)
+    assert first.code == 0, first.describe() + cluster.home.holder_log()
+    assert first.json()["sent_blobs"] == [len(files)] * 4
+    wait_state(cluster.home, first.json()["job"], {"succeeded"}, timeout=120)
+    logs = cluster.home.run("logs", first.json()["job"], cwd=cluster.src)
+    assert sorted(logs.lines()) == [f"[{r}] tree {expected.hexdigest()}" for r in range(4)]
+
+    again = cluster.submit(*args, src=src, timeout=300)
+    assert again.code == 0, again.describe()
+    assert again.json()["sent_blobs"] == [0] * 4
+    wait_state(cluster.home, again.json()["job"], {"succeeded"}, timeout=120)
 
 
 ALL_REDUCE = """\

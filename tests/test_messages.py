@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import msgpack
@@ -42,6 +43,8 @@ from agent.protocol.messages import (
     method_of,
     parse,
     to_params,
+    unzip_blobs,
+    zip_blobs,
 )
 
 ID = "ab" * 32
@@ -82,7 +85,17 @@ def wire(value: object) -> Any:
 
 def test_every_method_has_a_minimal_case() -> None:
     assert set(MINIMAL) == set(METHODS)
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
+
+
+def test_zipped_blobs_round_trip_and_incompressible_data_is_not_zipped() -> None:
+    source = [[ID, b"import os\n" * 400], ["b" * 64, b"def f():\n    return 1\n" * 100]]
+    zipped = zip_blobs(source)
+    assert zipped is not None and len(zipped) < 500
+    assert unzip_blobs(zipped, 10_000) == [(i, d) for i, d in source]
+    with pytest.raises(InvalidParams, match="inflates past"):
+        unzip_blobs(zipped, 1_000)
+    assert zip_blobs([[ID, os.urandom(4096)]]) is None  # sent as it is
 
 
 @pytest.mark.parametrize("method", sorted(MINIMAL))

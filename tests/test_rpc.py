@@ -557,7 +557,8 @@ def test_decoded_size_is_bounded_by_a_constant_factor() -> None:
 
 
 def test_negotiate_accepts_our_version() -> None:
-    assert negotiate(1) == 1 == PROTOCOL_VERSION
+    assert negotiate(PROTOCOL_VERSION) == PROTOCOL_VERSION == 2
+    assert negotiate(1) == 1  # an agent of protocol 1 is spoken to without compressed blobs
     assert negotiate(PROTOCOL_VERSION + 1) == PROTOCOL_VERSION  # a newer peer speaks ours
 
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import types
 import typing
+import zlib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Union
+
+import msgpack
 
 from agent.protocol.errors import InvalidParams, UnknownMethod
 
@@ -46,9 +49,14 @@ class Missing:
 @dataclass(frozen=True)
 class PutBlobs:
     """Store blobs, each verified against its claimed id; one sync for the batch.
-    Result: {stored: n}. Any mismatch rejects the batch (ChecksumMismatch)."""
+    Result: {stored: n}. Any mismatch rejects the batch (ChecksumMismatch).
 
-    blobs: list[list[Any]]  # [[id, data], ...]
+    `blobs` is [[id, data], ...]; or (protocol 2) `zipped` holds that same list, msgpack
+    encoded, then zlib compressed: source code shrinks three to four times, and each byte
+    saved is one less to encrypt, send and decrypt for every node (`unzip_blobs`)."""
+
+    blobs: list[list[Any]] = field(default_factory=list)
+    zipped: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -271,6 +279,9 @@ METHODS: dict[str, type] = {
 NOTIFICATIONS = ("log",)
 
 
+ZIP_WORTH = 0.8  # compressed blobs are sent when they are at most this share of the bytes
+
+
 def blob_items(items: list[list[Any]]) -> list[tuple[str, bytes]]:
     """[[id, data], ...] as pairs, each id well formed (the store verifies the bytes)."""
     from agent.protocol.objects import check_object_id
@@ -281,6 +292,34 @@ def blob_items(items: list[list[Any]]) -> list[tuple[str, bytes]]:
             raise InvalidParams("blobs: each item is [id, bytes]")
         out.append((check_object_id(item[0], "blob id"), item[1]))
     return out
+
+
+def zip_blobs(items: list[list[Any]], level: int = 1) -> bytes | None:
+    """put_blobs' `zipped` for `items`, or None when compressing saves too little (data
+    that is compressed already) to be worth the node's time to inflate it."""
+    raw: bytes = msgpack.packb(items, use_bin_type=True)
+    zipped = zlib.compress(raw, level)
+    return zipped if len(zipped) <= len(raw) * ZIP_WORTH else None
+
+
+def unzip_blobs(zipped: bytes, limit: int) -> list[tuple[str, bytes]]:
+    """The blobs of put_blobs' `zipped`, as blob_items gives them; InvalidParams if it is not
+    a zlib stream of a msgpack list, or inflates to more than `limit` bytes (a small
+    message must not make the agent hold gigabytes)."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(zipped, limit)
+    except zlib.error as exc:
+        raise InvalidParams(f"put_blobs: zipped is not zlib data ({exc})") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise InvalidParams(f"put_blobs: zipped inflates past {limit} bytes, or is cut short")
+    try:
+        items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise InvalidParams(f"put_blobs: zipped holds no msgpack ({exc})") from None
+    if not isinstance(items, list) or not all(isinstance(i, list) for i in items):
+        raise InvalidParams("put_blobs: zipped holds no list of [id, bytes]")
+    return blob_items(items)
 
 
 def to_params(message: Any) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from agent.protocol import errors
 from agent.protocol.errors import LaunchError, LocalProtocolError, RemoteProtocolError
 
 # The protocol's version, agreed by hello (re-exported by messages.py, its home in DESIGN.md).
-PROTOCOL_VERSION = 1
+# 2: put_blobs may carry its blobs compressed (`zipped`).
+PROTOCOL_VERSION = 2
 # Oldest peer version this side still understands; hello fails below it.
 MIN_PROTOCOL_VERSION = 1
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
