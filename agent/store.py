@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,6 +69,7 @@ THREAD_COPY_BYTES = 256 * 1024
 # every packed object is materialised on the calling thread.
 PACK_MAX_SIZE = THREAD_COPY_BYTES
 PACK_MIN = 16
+PACKS_TICK_NS = 2 * 10**9  # packs/ changed less than this ago is listed again on a miss
 MIN_PREFIX = 4
 _TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL
 _HEX = frozenset("0123456789abcdef")
@@ -148,10 +150,13 @@ class Store:
             seen = os.stat(self.packs).st_mtime_ns
         except FileNotFoundError:
             return
-        if seen == self._packs_seen:
+        # A directory's time moves in ticks of a few ms: one changed again within its last
+        # tick looks unchanged, so a recent time is no proof and the directory is listed.
+        settled = time.time_ns() - seen > PACKS_TICK_NS
+        if seen == self._packs_seen and settled:
             return
         with self._packs_lock:
-            if seen == self._packs_seen:
+            if seen == self._packs_seen and settled:
                 return
             for name in sorted(os.listdir(self.packs)):
                 if name.endswith(packs.SUFFIX) and name not in self._pack_names:
@@ -190,7 +195,11 @@ class Store:
 
         A shard directory that does not exist answers for every id in it with one stat: the
         first upload to a node asks about thousands of blobs of an empty store."""
-        unknown = [check_object_id(i) for i in set(ids) - self._present]
+        return self._missing([check_object_id(i) for i in set(ids) - self._present])
+
+    def _missing(self, unknown: Iterable[str]) -> list[str]:
+        """missing() for ids already checked (put_many's were, with their bytes)."""
+        unknown = [i for i in set(unknown) if i not in self._present]
         if unknown:
             self._load_packs()
             unknown = [i for i in unknown if i not in self._present]
@@ -203,10 +212,12 @@ class Store:
         `puts` (and deletions), only the puts' blobs are looked at when all of base's were
         found here before: objects, once present, stay. A resubmit of one changed file then
         costs a set of one, not of every blob of the tree, on every node."""
+        # A validated manifest's ids were checked when it was built.
+        find = self._missing if manifest.validated else self.missing
         if base in self._complete:
-            missing = self.missing(e.blob for e in puts if e.kind != "symlink")
+            missing = find(e.blob for e in puts if e.kind != "symlink")
         else:
-            missing = self.missing(manifest.blobs())
+            missing = find(manifest.blobs())
         if not missing:
             self._complete.add(manifest.bundle_id)
         return missing
@@ -233,7 +244,7 @@ class Store:
         for object_id, data in items:
             _verify(object_id, data)
             pending[object_id] = data
-        pending = {i: pending[i] for i in self.missing(pending)}
+        pending = {i: pending[i] for i in self._missing(pending)}
         small = {i: d for i, d in pending.items() if len(d) < PACK_MAX_SIZE}
         if len(small) < PACK_MIN:
             small = {}
@@ -542,30 +553,31 @@ class Store:
             mode = 0o555 if entry.kind == "exec" else 0o444
             data = clone.packed(entry.blob)
             if data is not None:
-                dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
-                try:
-                    _write_all(dst, data)
-                    if chmod:
-                        os.fchmod(dst, mode)
-                finally:
-                    os.close(dst)
+                _new_file(dir_fd, name, mode, chmod, lambda dst: _write_all(dst, data))
                 return
             try:
                 src = os.open(self._file(entry.blob), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise ObjectMissing(entry.blob) from None  # removed since the presence check
             try:
-                dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
-                try:
-                    clone(src, dst)
-                    if chmod:
-                        os.fchmod(dst, mode)
-                finally:
-                    os.close(dst)
+                _new_file(dir_fd, name, mode, chmod, lambda dst: clone(src, dst))
             finally:
                 os.close(src)
         except OSError as exc:
             raise _tree_error(exc, entry.path) from None
+
+
+def _new_file(
+    dir_fd: int, name: str, mode: int, chmod: bool, fill: Callable[[int], object]
+) -> None:
+    """Create file `name` in dir_fd with `mode` (never over an existing one), `fill` it."""
+    dst = os.open(name, _NEW_FILE, mode, dir_fd=dir_fd)
+    try:
+        fill(dst)
+        if chmod:
+            os.fchmod(dst, mode)
+    finally:
+        os.close(dst)
 
 
 def _make_child(parent_fd: int, parts: Sequence[str], chmod: bool) -> int:
