@@ -571,9 +571,13 @@ async def watch(
                 # once. A file still open for writing, or saves that kept coming while the
                 # last patch went out (a formatter, a script), wait for `debounce_s` of quiet
                 # instead: one revision for the burst, not one per save.
+                # The events of one save come a moment apart (modified, then closed): the
+                # settle lets them all arrive before a file is judged still open.
                 while not stopping:
                     changed.clear()
-                    await asyncio.sleep(debounce_s if writing or bursting else WATCH_SETTLE_S)
+                    await asyncio.sleep(WATCH_SETTLE_S)
+                    if not changed.is_set() and (writing or bursting):
+                        await asyncio.sleep(debounce_s - WATCH_SETTLE_S)
                     if not changed.is_set():
                         break
                 writing.clear()  # a writer that never closes must not slow every later save
