@@ -160,6 +160,10 @@ def _worker(
         conn.sendall(frame({"pid": os.getpid()}))
         _interrupt_when_gone(conn)
         code = _run_cli()
+        # Done: the client leaves as soon as it has the status, and its leaving (seen by the
+        # thread above) must not interrupt what is left: a KeyboardInterrupt here printed a
+        # traceback on the client's terminal after a successful command had returned.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         conn.sendall(frame({"exit": code}))
     except BaseException:
         with contextlib.suppress(BaseException):
