@@ -330,7 +330,7 @@ def submit(
         waiting.append(reasons)
 
     progress = ops.Progress(
-        on_wait=on_wait, on_upload_start=bar.start, on_upload=bar.advance, on_upload_end=bar.stop
+        on_wait=on_wait, on_upload_add=bar.add, on_upload=bar.advance, on_upload_end=bar.stop
     )
     submitted = run(ops.submit(opts, progress))
     if as_json:

@@ -263,11 +263,15 @@ async def _run_on(
     job = new_job_id()
     near = _last_bundle(opts)
     async with open_fleet(nodes) as conns, background_tasks() as scope:
-        streaming = scope.spawn(stream_blobs(conns, store, feed))
-        manifest, source, frozen = await tree
-        outcomes = await streaming
-        if failures := [r for r in outcomes if isinstance(r, LaunchError)]:
-            raise failed(f"upload failed on {len(failures)} of {len(conns)} nodes", failures)
+        streaming = scope.spawn(stream_blobs(conns, store, feed, progress))
+        try:
+            manifest, source, frozen = await tree
+            outcomes = await streaming
+            if failures := [r for r in outcomes if isinstance(r, LaunchError)]:
+                raise failed(f"upload failed on {len(failures)} of {len(conns)} nodes", failures)
+        except BaseException:
+            progress.on_upload_end()  # a bar the stream began; upload_bundle ends its own
+            raise
         streamed = [r for r in outcomes if not isinstance(r, LaunchError)]
         # The freeze may know what changed since that bundle (it froze it last).
         changes = frozen.changes if frozen is not None and frozen.base == near else None

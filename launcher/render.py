@@ -200,18 +200,30 @@ def nodes_table(rows: list[dict[str, Any]]) -> None:
 
 
 class UploadBar:
-    """A progress bar for uploads that take more than a moment, on a terminal only."""
+    """A progress bar for uploads that take more than a moment, on a terminal only.
+
+    What there is to send grows while it is sent (`add`): a cold submit sends what its freeze
+    has read while the freeze reads on. The bar shows once that passes THRESHOLD bytes."""
 
     THRESHOLD = 8 * 2**20
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and sys.stderr.isatty()
+        self.total = 0
+        self.blobs = 0
+        self.done = 0
         self.progress: Any = None
         self.task: Any = None
 
-    def start(self, nbytes: int, nblobs: int) -> None:
-        if not self.enabled or nbytes < self.THRESHOLD:
-            return
+    def add(self, nbytes: int, nblobs: int) -> None:
+        self.total += nbytes
+        self.blobs += nblobs
+        if self.progress is not None:
+            self.progress.update(self.task, total=self.total, blobs=self.blobs)
+        elif self.enabled and self.total >= self.THRESHOLD:
+            self._show()
+
+    def _show(self) -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -228,12 +240,15 @@ class UploadBar:
             console=err.get(),
             transient=True,
         )
-        self.task = self.progress.add_task("upload", total=nbytes, blobs=nblobs)
+        self.task = self.progress.add_task(
+            "upload", total=self.total, completed=self.done, blobs=self.blobs
+        )
         self.progress.start()
 
     def advance(self, nbytes: int) -> None:
+        self.done += nbytes
         if self.progress is not None:
-            self.progress.advance(self.task, nbytes)
+            self.progress.update(self.task, completed=self.done)
 
     def stop(self) -> None:
         if self.progress is not None:

@@ -37,7 +37,9 @@ FEED_MIN_BYTES = 2**20
 class UploadProgress:
     """What an upload reports as it goes (bytes); the CLI draws a bar from it."""
 
-    on_upload_start: Callable[[int, int], None] = lambda nbytes, nblobs: None
+    # More to send (bytes, blobs, summed over the nodes): once, or batch by batch while a
+    # freeze still reads (stream_blobs).
+    on_upload_add: Callable[[int, int], None] = lambda nbytes, nblobs: None
     on_upload: Callable[[int], None] = lambda nbytes: None
     on_upload_end: Callable[[], None] = lambda: None
 
@@ -77,7 +79,7 @@ async def upload_bundle(
     answers = await on_each(conns, lambda c: _put_manifest(c, full, change), "upload")
     missing = [lacked for _, lacked in answers]
     total = sum(sizes[b] for ids in missing for b in ids)
-    progress.on_upload_start(total, sum(len(ids) for ids in missing))
+    progress.on_upload_add(total, sum(len(ids) for ids in missing))
     reader = _BatchReader(store, _worth_zipping(conns))
     plans = {c.rank: _batches(ids, sizes) for c, ids in zip(conns, missing, strict=True)}
 
@@ -179,25 +181,45 @@ async def _send_blobs(
     reader: _BatchReader,
     on_bytes: Callable[[int], None],
 ) -> None:
-    """Send the node's batches, the next one on its way while the agent stores the last (it
-    verifies every blob)."""
-    inflight: collections.deque[tuple[asyncio.Future[Any], int]] = collections.deque()
+    """Send the node's batches, the next ones on their way while the agent stores the last
+    (it verifies every blob)."""
+    sender = _Sender(conn, on_bytes)
     try:
         for k, batch in enumerate(batches):
             if k + 1 < len(batches):
                 reader.read(batches[k + 1])  # read ahead
-            params, size = await reader.read(batch)
-            inflight.append((asyncio.ensure_future(conn.client.call("put_blobs", params)), size))
-            if len(inflight) >= IN_FLIGHT:
-                task, size = inflight.popleft()
-                await task
-                on_bytes(size)
-        while inflight:
-            await inflight[0][0]
-            on_bytes(inflight.popleft()[1])
+            await sender.send(*await reader.read(batch))
+        await sender.drain()
     finally:
-        for task, _ in inflight:
-            task.cancel()
+        sender.cancel()
+
+
+class _Sender:
+    """put_blobs calls on their way to one node, at most IN_FLIGHT at once: one being
+    stored, the next ones arriving. Each batch's bytes are counted once it is stored."""
+
+    def __init__(self, conn: NodeConn, on_bytes: Callable[[int], None]) -> None:
+        self.conn = conn
+        self.on_bytes = on_bytes
+        self.inflight: collections.deque[tuple[asyncio.Future[Any], int]] = collections.deque()
+
+    async def send(self, params: Packed, size: int) -> None:
+        call = asyncio.ensure_future(self.conn.client.call("put_blobs", params))
+        self.inflight.append((call, size))
+        if len(self.inflight) >= IN_FLIGHT:
+            await self._landed()
+
+    async def drain(self) -> None:
+        while self.inflight:
+            await self._landed()
+
+    async def _landed(self) -> None:
+        await self.inflight[0][0]
+        self.on_bytes(self.inflight.popleft()[1])
+
+    def cancel(self) -> None:
+        for call, _ in self.inflight:
+            call.cancel()
 
 
 class BlobFeed:
@@ -242,7 +264,7 @@ class BlobFeed:
 
 
 async def stream_blobs(
-    conns: list[NodeConn], store: Any, feed: BlobFeed
+    conns: list[NodeConn], store: Any, feed: BlobFeed, progress: UploadProgress
 ) -> list[list[str] | LaunchError]:
     """Send each node the blobs of every batch in `feed` that it lacks, as the batches come,
     until the feed is closed; per node, the blobs sent, or what went wrong there (the
@@ -251,23 +273,20 @@ async def stream_blobs(
 
     async def follow(conn: NodeConn) -> list[str]:
         sent: list[str] = []
-        inflight: collections.deque[asyncio.Future[Any]] = collections.deque()
+        sender = _Sender(conn, progress.on_upload)
         try:
             async for batch in feed.follow():
                 answer = await conn.client.call("missing", {"blobs": list(batch)})
                 lacking = tuple(answer["missing"])  # sorted: nodes alike share one encoding
                 if not lacking:
                     continue
-                params, _ = await reader.read(lacking)
-                inflight.append(asyncio.ensure_future(conn.client.call("put_blobs", params)))
+                params, size = await reader.read(lacking)
+                progress.on_upload_add(size, len(lacking))
+                await sender.send(params, size)
                 sent.extend(lacking)
-                if len(inflight) >= IN_FLIGHT:
-                    await inflight.popleft()
-            while inflight:
-                await inflight.popleft()
+            await sender.drain()
         finally:
-            for task in inflight:
-                task.cancel()
+            sender.cancel()
         return sent
 
     try:
