@@ -229,7 +229,7 @@ class Store:
         leaves neither an object nor a temp file.
         """
         _verify(object_id, data)
-        if self._has(object_id):
+        if self.has(object_id):
             return False
         return self._write({object_id: data}, False, {}) == 1
 
@@ -331,7 +331,10 @@ class Store:
         for attempt in range(2):
             where = self._packed.get(object_id)
             if where is not None:
-                return _read_packed(*where)
+                try:
+                    return _read_packed(*where)
+                except FileNotFoundError:  # removed by hand: as a removed object would be
+                    raise ObjectMissing(object_id) from None
             try:
                 with open(self._file(object_id), "rb") as f:
                     return f.read()
@@ -618,7 +621,10 @@ class _Cloner:
         path, offset, size = where
         fd = self._packs.get(path)
         if fd is None:
-            fd = self._packs[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = self._packs[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # removed since the presence check
+                raise ObjectMissing(object_id) from None
         return _read_packed(path, offset, size, fd)
 
     def close(self) -> None:

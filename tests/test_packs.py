@@ -198,3 +198,21 @@ def test_a_hostile_index_is_refused(tmp_path: Path) -> None:
                 packs.read_index(fd)
         finally:
             os.close(fd)
+
+
+def test_a_pack_removed_by_hand_is_object_missing_not_a_crash(tmp_path: Path) -> None:
+    """As for a removed object file: the store remembers it present, and reading or
+    materialising it says which object is missing."""
+    store = Store(tmp_path / "store")
+    objects = small(PACK_MIN)
+    store.put_many(objects.items())
+    some = sorted(objects)[2]
+    manifest = Manifest.of([Entry("a.py", "file", len(objects[some]), some)])
+    (pack,) = pack_files(store)
+    pack.unlink()
+    with pytest.raises(ObjectMissing) as info:
+        store.get(some)
+    assert info.value.ids == [some]
+    with pytest.raises(ObjectMissing):
+        store.materialize(manifest, tmp_path / "out")
+    assert Store(tmp_path / "store").missing(objects) == sorted(objects)
