@@ -75,11 +75,17 @@ def read_index(fd: int) -> tuple[list[tuple[str, int, int]], str]:
     for item in raw:
         try:
             raw_id, offset, size = item
-            if len(raw_id) != ID_BYTES or not 0 <= offset <= offset + size <= body:
-                raise ValueError
-            entries.append((raw_id.hex(), offset, size))
         except (ValueError, TypeError):
             raise CorruptPack(f"bad index entry {item!r:.100}") from None
+        if not (
+            type(raw_id) is bytes
+            and len(raw_id) == ID_BYTES
+            and type(offset) is int
+            and type(size) is int
+            and 0 <= offset <= offset + size <= body
+        ):
+            raise CorruptPack(f"bad index entry {item!r:.100}")
+        entries.append((raw_id.hex(), offset, size))
     return entries, hashlib.sha256(encoded).hexdigest() + SUFFIX
 
 

@@ -715,6 +715,7 @@ def test_fixed_hostile_frames(fuzz_target: tuple[AgentProc, WellBehaved]) -> Non
         ("put_blobs", {"zipped": zlib.compress(b"\x93\x01\x02")}, InvalidParams),  # no list
         ("put_blobs", {"zipped": zlib.compress(msgpack.packb([["a", b"x"]]))}, InvalidManifest),
         ("put_blobs", {"zipped": zlib.compress(b"\x90")[:-3]}, InvalidParams),  # cut short
+        ("put_blobs", {"zipped": zlib.compress(b"\x90") + b"more"}, InvalidParams),
         # A small message that inflates past the frame limit is refused, not inflated.
         ("put_blobs", {"zipped": zlib.compress(bytes(DEFAULT_MAX_FRAME + 1), 9)}, InvalidParams),
         ("prepare", {"job": "j-x", "bundle": "b", "argv": []}, InvalidParams),

@@ -188,6 +188,10 @@ def test_a_hostile_index_is_refused(tmp_path: Path) -> None:
         [[b"short", 0, 1]],
         [[b"x" * 32, -1, 1]],
         [["a" * 64, 0, 1]],
+        [["a" * 32, 0, 1]],  # a string of the right length is not an id
+        [[b"x" * 32, 0.5, 1]],
+        [[b"x" * 32, True, 1]],
+        [[b"x" * 32, 0]],
         {"a": 1},
     ):
         encoded = msgpack.packb(bad)

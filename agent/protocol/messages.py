@@ -304,15 +304,17 @@ def zip_blobs(items: list[list[Any]], level: int = 1) -> bytes | None:
 
 def unzip_blobs(zipped: bytes, limit: int) -> list[tuple[str, bytes]]:
     """The blobs of put_blobs' `zipped`, as blob_items gives them; InvalidParams if it is not
-    a zlib stream of a msgpack list, or inflates to more than `limit` bytes (a small
-    message must not make the agent hold gigabytes)."""
+    one zlib stream of a msgpack list, or inflates to more than `limit` bytes: a small
+    message costs no more to decode than a frame of `limit` bytes would."""
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(zipped, limit)
     except zlib.error as exc:
         raise InvalidParams(f"put_blobs: zipped is not zlib data ({exc})") from None
-    if inflater.unconsumed_tail or not inflater.eof:
-        raise InvalidParams(f"put_blobs: zipped inflates past {limit} bytes, or is cut short")
+    if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+        raise InvalidParams(
+            f"put_blobs: zipped inflates past {limit} bytes, is cut short or has bytes after"
+        )
     try:
         items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
