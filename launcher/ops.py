@@ -160,6 +160,7 @@ async def submit(opts: SubmitOptions, progress: Progress | None = None) -> Submi
     try:
         return await _submit(opts, progress, store, feed)
     finally:
+        store.on_blobs = None  # a freeze interrupted with its submit may still be storing
         await asyncio.to_thread(store.settle)
 
 

@@ -236,7 +236,9 @@ class BlobFeed:
     def push(self, items: Sequence[tuple[str, bytes]]) -> None:
         """From any thread: a batch just stored (only batches of FEED_MIN_BYTES or more)."""
         if sum(len(data) for _, data in items) >= FEED_MIN_BYTES:
-            self.loop.call_soon_threadsafe(self._add, tuple(i for i, _ in items))
+            # The loop is gone only when the submit is: nobody is left to send to.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._add, tuple(i for i, _ in items))
 
     def close(self) -> None:
         """On the loop: no more batches (the freeze ended, however it ended)."""

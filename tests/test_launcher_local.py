@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -210,6 +212,47 @@ def test_unchanged_tree_sends_no_blobs_and_one_change_sends_one(
     assert changed["bundle"] != first["bundle"]
     for sub in (first, again, changed):
         wait_state(lh, sub["job"], {"succeeded"})
+
+
+@pytest.mark.parametrize("after_s", [0.4, 0.6, 0.8])
+def test_ctrl_c_during_a_cold_submit_starts_all_or_nothing_and_prints_no_traceback(
+    lh: LaunchHome, tmp_path: Path, after_s: float
+) -> None:
+    """Ctrl-C while a large tree is frozen and streamed to the nodes, or while they store
+    it: a job runs on every node or on none, the launcher says it was interrupted (no
+    traceback), and the next submit of the tree works."""
+    token = f"{tmp_path.name}-{after_s}"
+    files = {
+        f"pkg/f{n:03d}.py": "".join(f"v_{n}_{i} = '{token}'  # {i * n}\n" for i in range(4000))
+        for n in range(200)
+    }
+    src = write_tree(tmp_path / "src", files)
+    argv = submit(src, "sleep", "60", extra=("--detach",))
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "launcher.cli", *argv],
+        cwd=lh.path,
+        env=lh.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    # 130 when interrupted; 0, or killed by the signal, when it came after the job started.
+    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err)
+    nodes = lh.run("nodes", "--json").json()
+    running = [set(n["my_jobs"]) for n in nodes]
+    assert running[0] == running[1], nodes  # all or nothing
+    if proc.returncode == 130:
+        assert "launch: interrupted" in err
+    for job in running[0]:
+        lh.run("cancel", job)
+
+    again = lh.run(*submit(src, PYTHON, "-c", "pass", extra=("--json",))).json()
+    wait_state(lh, again["job"], {"succeeded"})
 
 
 # -------------------------------------------------------------------------------- errors
