@@ -55,11 +55,16 @@ async def on_each(
 ) -> list[T]:
     """Run `call` on every node at once and wait for all; an ExceptionGroup naming each node
     that failed, or the results in rank order."""
-    results = await on_each_settled(conns, call)
+    return all_or_raise(await on_each_settled(conns, call), what)
+
+
+def all_or_raise(results: Sequence[T | LaunchError], what: str = "call") -> list[T]:
+    """Settled per-node results as they are, or an ExceptionGroup naming each node that
+    failed (`what` failed on K of N nodes)."""
     failures = [r for r in results if isinstance(r, LaunchError)]
     if failures:
-        raise failed(f"{what} failed on {len(failures)} of {len(conns)} nodes", failures)
-    return results  # type: ignore[return-value]
+        raise failed(f"{what} failed on {len(failures)} of {len(results)} nodes", failures)
+    return [r for r in results if not isinstance(r, LaunchError)]
 
 
 async def on_each_settled(

@@ -26,7 +26,7 @@ from agent.protocol.objects import Manifest, Source, object_kind
 from launcher import home
 from launcher.fleet import (
     NodeConn,
-    failed,
+    all_or_raise,
     on_each,
     on_each_settled,
     open_fleet,
@@ -267,13 +267,10 @@ async def _run_on(
         streaming = scope.spawn(stream_blobs(conns, store, feed, progress))
         try:
             manifest, source, frozen = await tree
-            outcomes = await streaming
-            if failures := [r for r in outcomes if isinstance(r, LaunchError)]:
-                raise failed(f"upload failed on {len(failures)} of {len(conns)} nodes", failures)
+            streamed = all_or_raise(await streaming, "upload")
         except BaseException:
             progress.on_upload_end()  # a bar the stream began; upload_bundle ends its own
             raise
-        streamed = [r for r in outcomes if not isinstance(r, LaunchError)]
         # The freeze may know what changed since that bundle (it froze it last).
         changes = frozen.changes if frozen is not None and frozen.base == near else None
         params = {

@@ -288,7 +288,7 @@ def blob_items(items: list[list[Any]]) -> list[tuple[str, bytes]]:
 
     out = []
     for item in items:
-        if not (len(item) == 2 and isinstance(item[1], bytes)):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], bytes)):
             raise InvalidParams("blobs: each item is [id, bytes]")
         out.append((check_object_id(item[0], "blob id"), item[1]))
     return out
@@ -319,7 +319,7 @@ def unzip_blobs(zipped: bytes, limit: int) -> list[tuple[str, bytes]]:
         items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise InvalidParams(f"put_blobs: zipped holds no msgpack ({exc})") from None
-    if not isinstance(items, list) or not all(isinstance(i, list) for i in items):
+    if not isinstance(items, list):
         raise InvalidParams("put_blobs: zipped holds no list of [id, bytes]")
     return blob_items(items)
 
